@@ -1,0 +1,320 @@
+"""The experiment config: frozen dataclasses per component, composed into `ExperimentConfig`.
+
+An experiment YAML holds only what differs from the defaults; the command line adds
+`section.key=value` overrides. Anything unknown or ill-typed is a `ConfigError` whose one-line
+message names the key and what is allowed. `model.preset=NAME` starts the model section from a
+named preset (see `model/config.py`); the other model keys override its fields.
+
+    cfg = load_config("experiments/quickstart.yaml", ["train.steps=10", "model.n_layers=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import PRESETS, ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file, an override or a combination of values."""
+
+
+SOURCES = ("python_stdlib", "tinyshakespeare", "files", "url")
+TOKENIZERS = ("byte", "char", "bpe")
+SAMPLING = ("windows", "packed")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "python_stdlib"  # python_stdlib | tinyshakespeare | files | url
+    path: str = ""  # files: a file, directory or glob; tinyshakespeare: a local copy (else downloaded)
+    url: str = ""  # url: where to download the text from (once, into cache_dir)
+    sha256: str = ""  # url: expected checksum of the download ("" = not checked)
+    cache_dir: str = "~/.cache/jaxlm"
+    max_chars: int = 0  # cap on the corpus size in characters (0 = all); python_stdlib uses it
+    tokenizer: str = "byte"  # byte | char | bpe
+    tokenizer_path: str = ""  # bpe: an existing tokenizer.json instead of training one
+    bpe_vocab_size: int = 4096  # bpe: vocabulary size to train
+    seq_len: int = 256  # tokens per training example (the model's context)
+    val_fraction: float = 0.1  # last fraction of the token stream held out for validation
+    sampling: str = "windows"  # windows: random offsets (nanoGPT); packed: shuffled disjoint chunks
+    store: str = ""  # token store location (local path or gs://...); "" = <run dir>/tokens
+    worker_count: int = 0  # Grain worker processes (0 = in the main process)
+
+    def validate(self) -> "DataConfig":
+        _choice("data.source", self.source, SOURCES)
+        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        _choice("data.sampling", self.sampling, SAMPLING)
+        if self.source == "files" and not self.path:
+            raise ConfigError("data.path is required with data.source=files (a file, directory or glob)")
+        if self.source == "url" and not self.url:
+            raise ConfigError("data.url is required with data.source=url")
+        if self.seq_len <= 0:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be a positive integer")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.bpe_vocab_size < 260:
+            raise ConfigError(f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 260")
+        if self.max_chars < 0 or self.worker_count < 0:
+            raise ConfigError("data.max_chars and data.worker_count must be >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    decay_steps: int = 0  # cosine decay from lr to min_lr ends here (0 = train.steps)
+    min_lr: float = 1e-4  # the floor of the cosine
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW); never on norms, biases and embeddings
+    clip_norm: float = 1.0  # global gradient-norm clipping (0 = off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def validate(self) -> "OptimConfig":
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0 and 0 <= optim.min_lr={self.min_lr} <= lr")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"optim.beta1={self.beta1} and optim.beta2={self.beta2} must be in [0, 1)")
+        if self.weight_decay < 0 or self.clip_norm < 0:
+            raise ConfigError("optim.weight_decay and optim.clip_norm must be >= 0")
+        if self.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum={self.grad_accum} must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch, in sequences, per optimizer step
+    eval_every: int = 250  # periodic validation estimate (0 = only the final full evaluation)
+    eval_batches: int = 20  # batches per periodic estimate
+    log_every: int = 10
+    seed: int = 0
+    sample_tokens: int = 256  # tokens sampled at the end of the run (0 = none)
+    sample_prompt: str = ""  # "" = the start of the validation text
+    progress: bool = True  # tqdm progress bars
+
+    def validate(self) -> "TrainConfig":
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ConfigError(f"train.steps={self.steps} and train.batch_size={self.batch_size} must be positive")
+        for name in ("eval_every", "eval_batches", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.log_every <= 0:
+            raise ConfigError(f"train.log_every={self.log_every} must be positive")
+        return self
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; -1 takes the devices the other axes leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    stage: int = 1
+    rules: str = "fsdp"  # logical-axis rule preset, see sharding/rules.py
+
+    def validate(self) -> "MeshConfig":
+        from sharding.rules import RULE_PRESETS
+
+        sizes = {a: getattr(self, a) for a in ("data", "fsdp", "tensor", "sequence", "stage")}
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
+        for a, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{a}={v} must be a positive integer or -1 (the remaining devices)")
+        _choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
+        return self
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep: int = 3  # the last K checkpoints are kept
+    async_save: bool = True
+
+    def validate(self) -> "CheckpointConfig":
+        if self.every < 0 or self.keep < 1:
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 0 and checkpoint.keep={self.keep} >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    dir: str = ""  # "" = runs/<name>
+
+    @property
+    def path(self) -> Path:
+        return Path(os.path.expanduser(self.dir or os.path.join("runs", self.name)))
+
+    def validate(self) -> "RunConfig":
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name={self.name!r} must be a non-empty name without '/'")
+        return self
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            try:
+                section.validate()
+            except ConfigError:
+                raise
+            except ValueError as e:  # ModelConfig raises plain ValueError
+                raise ConfigError(str(e)) from None
+        if self.model.max_seq_len < self.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        if self.train.batch_size % self.optim.grad_accum:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} must be divisible by optim.grad_accum={self.optim.grad_accum}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+    "mesh": MeshConfig, "checkpoint": CheckpointConfig, "run": RunConfig,
+}
+
+
+# ---- building a config from YAML and overrides ---------------------------------------------
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults <- YAML file (only the keys it names) <- `section.key=value` overrides."""
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        tree = read_yaml(path)
+    for item in overrides:
+        section, key, value = parse_override(item)
+        tree.setdefault(section, {})[key] = value
+    return from_dict(tree)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment file {str(p)!r} does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    for section, body in tree.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"{p}: unknown section {section!r}; allowed: {', '.join(_SECTION_TYPES)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{p}: section {section!r} must be a mapping of key: value")
+    return tree
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'train.steps=10' -> ('train', 'steps', 10). Values are parsed as YAML scalars."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.split(".", 1)
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"override {item!r}: unknown section {section!r}; allowed: {', '.join(_SECTION_TYPES)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def from_dict(tree: dict[str, dict[str, Any]]) -> ExperimentConfig:
+    """Build and validate a config from a (possibly partial) nested dict."""
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        body = dict(tree.get(name) or {})
+        base = cls()
+        if name == "model" and "preset" in body:
+            preset_name = body.pop("preset")
+            if preset_name not in PRESETS:
+                raise ConfigError(f"model.preset={preset_name!r} is not one of {', '.join(PRESETS)}")
+            base = PRESETS[preset_name]
+        sections[name] = _build_section(name, base, body)
+    return ExperimentConfig(**sections).validate()
+
+
+def _build_section(name: str, base: Any, body: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(type(base))
+    fields = {f.name for f in dataclasses.fields(base)}
+    extra = " (or preset)" if name == "model" else ""
+    values = {}
+    for key, value in body.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {name}.{key}; allowed: {', '.join(sorted(fields))}{extra}")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return dataclasses.replace(base, **values)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if isinstance(typ, types.UnionType):
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported config type {typ}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
