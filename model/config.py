@@ -40,6 +40,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention: str = "xla"
     init_std: float = 0.02
+    scan_layers: bool = True  # lax.scan over layers (compile time independent of depth) or unroll
 
     # ---- derived -------------------------------------------------------------------------
     @property

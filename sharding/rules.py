@@ -31,3 +31,30 @@ def rules_for(preset: str) -> Rules:
     if preset not in RULE_PRESETS:
         raise ValueError(f"mesh.rules={preset!r} is not one of {', '.join(RULE_PRESETS)}")
     return RULE_PRESETS[preset]
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules: Rules) -> "jax.sharding.PartitionSpec":
+    """Translate logical axis names to a PartitionSpec with the given rules (unknown name: error)."""
+    from jax.sharding import PartitionSpec
+
+    table = dict(rules)
+    out = []
+    for a in axes:
+        if a is not None and a not in table:
+            raise ValueError(f"logical axis {a!r} has no rule; known: {', '.join(table)}")
+        out.append(None if a is None else table[a])
+    return PartitionSpec(*out)
+
+
+def with_logical_constraint(x, axes: tuple[str | None, ...]):
+    """Constrain an activation's sharding by logical names under the active mesh and rules
+    (`jax.set_mesh` + `nnx.logical_axis_rules`); a no-op when either is absent, so model code
+    runs unchanged on one device."""
+    import jax
+    from flax.core import spmd
+
+    rules = spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))

@@ -1,0 +1,106 @@
+"""Causal self-attention with grouped-query heads, a KV cache, and the attention-kernel dispatch.
+
+Every attention computation in jaxlm goes through `dot_product_attention(..., impl=cfg.attention)`;
+kernels (Pallas, cuDNN) plug in there, and `xla` (plain jnp, runs everywhere) is the default.
+
+Masking is by positions, not by a triangle: each query and each key carries its absolute position
+(keys in the cache that are empty, or left padding, carry -1), and a query attends to a key iff
+0 <= key_pos <= query_pos. This one rule covers training, prefill, decoding and ragged batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import dropout, param, rope
+
+
+def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
+    """(B, L) query positions, (B, S) key positions -> (B, L, S) bool: may query attend to key."""
+    kv = kv_positions[:, None, :]
+    return (kv >= 0) & (kv <= q_positions[:, :, None])
+
+
+def xla_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_key=None):
+    """Reference attention in plain jnp. q: (B, L, H, Dh); k, v: (B, S, K, Dh); mask: (B, L, S).
+
+    Grouped-query heads are handled by viewing q as (B, L, K, G, Dh) with G = H // K, so K/V are
+    never repeated in memory. Scores and softmax are float32.
+    """
+    B, L, H, Dh = q.shape
+    K = k.shape[2]
+    G = H // K
+    q = q.reshape(B, L, K, G, Dh)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)  # (B, K, G, L, S)
+    scores = scores * (1.0 / math.sqrt(Dh))
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, dropout_rate, dropout_key)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs.astype(v.dtype), v)  # (B, L, K, G, Dh)
+    return out.reshape(B, L, H, Dh)
+
+
+ATTENTION_IMPLS = {"xla": xla_attention}
+
+
+def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0, dropout_key=None):
+    """Dispatch to the configured attention implementation (see module docstring)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention={impl!r} is not available; choose one of {', '.join(ATTENTION_IMPLS)}")
+    return ATTENTION_IMPLS[impl](q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention: projections (D -> H*Dh, K*Dh, K*Dh), RoPE, output (H*Dh -> D)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.cfg = cfg
+        self.wq = param(rngs, (D, H, Dh), ("embed", "heads", "head_dim"), cfg, std=std)
+        self.wk = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg, std=std)
+        self.wv = param(rngs, (D, K, Dh), ("embed", "kv_heads", "head_dim"), cfg, std=std)
+        self.wo = param(rngs, (H, Dh, D), ("heads", "head_dim", "embed"), cfg, std=out_std)
+        if cfg.bias:
+            self.bq = param(None, (H, Dh), ("heads", "head_dim"), cfg, value=0.0)
+            self.bk = param(None, (K, Dh), ("kv_heads", "head_dim"), cfg, value=0.0)
+            self.bv = param(None, (K, Dh), ("kv_heads", "head_dim"), cfg, value=0.0)
+            self.bo = param(None, (D,), ("embed",), cfg, value=0.0)
+        else:
+            self.bq = self.bk = self.bv = self.bo = None
+
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: (B, L, D) -> k, v: (B, L, K, Dh), with RoPE applied to k."""
+        c = jnp.dtype(self.cfg.compute_dtype)
+        k = jnp.einsum("bld,dkh->blkh", x, self.wk[...].astype(c))
+        v = jnp.einsum("bld,dkh->blkh", x, self.wv[...].astype(c))
+        if self.bk is not None:
+            k, v = k + self.bk[...].astype(c), v + self.bv[...].astype(c)
+        if self.cfg.positions == "rope":
+            k = rope(k, positions, self.cfg.rope_theta)
+        return k, v
+
+    def __call__(self, x, positions, k, v, kv_positions, *, dropout_key=None):
+        """x: (B, L, D); positions: (B, L); k, v: (B, S, K, Dh) keys/values to attend to (this
+        segment's own, or the cache after writing them); kv_positions: (B, S). Returns (B, L, D)."""
+        c = jnp.dtype(self.cfg.compute_dtype)
+        q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(c))  # (B, L, H, Dh)
+        if self.bq is not None:
+            q = q + self.bq[...].astype(c)
+        if self.cfg.positions == "rope":
+            q = rope(q, positions, self.cfg.rope_theta)
+        mask = causal_mask(positions, kv_positions)
+        attn_key = resid_key = None
+        if dropout_key is not None:
+            attn_key, resid_key = jax.random.split(dropout_key)
+        out = dot_product_attention(q, k, v, mask, impl=self.cfg.attention,
+                                    dropout_rate=self.cfg.dropout, dropout_key=attn_key)  # (B, L, H, Dh)
+        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(c))  # (B, L, D)
+        if self.bo is not None:
+            y = y + self.bo[...].astype(c)
+        return dropout(y, self.cfg.dropout, resid_key)

@@ -1,0 +1,105 @@
+"""Building blocks of the transformer: parameter creation with logical axes, norms, MLPs, RoPE.
+
+Shape letters: B batch, L sequence, D embed, H heads, K kv heads, Dh head dim, F mlp, V vocab.
+Parameters are stored in `param_dtype` and cast to the compute dtype where they are used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], cfg: ModelConfig,
+          std: float | None = None, value: float | None = None) -> nnx.Param:
+    """A parameter annotated with its logical axes: normal(0, std) when `std` is given, else the
+    constant `value` (zeros/ones for biases and norm scales)."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    if std is not None:
+        x = std * jax.random.normal(rngs.params(), shape, dtype)
+    else:
+        x = jnp.full(shape, value, dtype)
+    return nnx.Param(x, out_sharding=axes)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (GPT-2: scale and optional bias) or RMSNorm (Llama: scale only), statistics in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = param(None, (cfg.d_model,), ("embed",), cfg, value=1.0)
+        self.bias = param(None, (cfg.d_model,), ("embed",), cfg, value=0.0) if (
+            cfg.norm == "layernorm" and cfg.bias) else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) -> (B, L, D)
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            x = x - mean
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class MLP(nnx.Module):
+    """GPT-2's GELU MLP (D -> F -> D) or Llama's SwiGLU (silu(x W_gate) * (x W_up)) W_down."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.ff_dim
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.kind, self.compute_dtype = cfg.mlp, jnp.dtype(cfg.compute_dtype)
+        if cfg.mlp == "swiglu":
+            self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg, std=std)
+        self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg, std=std)
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), cfg, std=out_std)
+        self.b_up = param(None, (F,), ("mlp",), cfg, value=0.0) if cfg.bias else None
+        self.b_gate = param(None, (F,), ("mlp",), cfg, value=0.0) if cfg.bias and cfg.mlp == "swiglu" else None
+        self.b_down = param(None, (D,), ("embed",), cfg, value=0.0) if cfg.bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) -> (B, L, D)
+        c = self.compute_dtype
+        h = x @ self.w_up[...].astype(c)  # (B, L, F)
+        if self.b_up is not None:
+            h = h + self.b_up[...].astype(c)
+        if self.kind == "swiglu":
+            g = x @ self.w_gate[...].astype(c)
+            if self.b_gate is not None:
+                g = g + self.b_gate[...].astype(c)
+            h = jax.nn.silu(g) * h
+        else:
+            h = jax.nn.gelu(h, approximate=False)  # exact erf GELU, as GPT-2 / nanoGPT (torch default)
+        y = h @ self.w_down[...].astype(c)  # (B, L, D)
+        if self.b_down is not None:
+            y = y + self.b_down[...].astype(c)
+        return y
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, Llama's "rotate half" layout (as Hugging Face implements it).
+
+    x: (B, L, N, Dh); positions: (B, L) int32. Angles are computed in float32.
+    """
+    Dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))  # (Dh/2,)
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # (B, L, Dh/2)
+    cos = jnp.cos(angles)[:, :, None, :]  # (B, L, 1, Dh/2)
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -1,0 +1,199 @@
+"""The decoder-only `Transformer` (GPT-2 and Llama families) and its KV cache.
+
+The n_layers blocks are one `Block` module whose parameters carry a leading `layers` axis
+(created with `nnx.vmap`), so the forward pass can `lax.scan` over layers (compile time independent
+of depth) or unroll them (`ModelConfig.scan_layers=False`, faster on CPU for shallow models) with
+the same parameter layout and therefore the same checkpoints.
+
+    model = build_model(cfg, seed=0)
+    logits, _ = model(tokens)                       # (B, L) int32 -> (B, L, V) float32
+    cache = KVCache.init(cfg, batch=B, length=S)
+    logits, cache = model(prompt, positions, cache=cache)   # prefill / decode
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layers import MLP, Norm, dropout, param
+from sharding.rules import with_logical_constraint
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for S slots, and the absolute position held in each slot.
+
+    k, v: (n_layers, B, S, K, Dh); positions: (B, S) int32, -1 where a slot is empty (or holds
+    left padding), which the position mask excludes; index: the next slot to write (shared by rows).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.compute_dtype)
+        shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm = Norm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, cache_kv=None, kv_positions=None, index=None, dropout_key=None):
+        """x: (B, L, D). Without a cache, attends within x. With `cache_kv=(k, v)` (this layer's
+        (B, S, K, Dh) cache), writes this segment's keys/values at slot `index` and attends to the
+        cache (whose slot positions are `kv_positions`). Returns (x, (k, v))."""
+        attn_key = mlp_key = None
+        if dropout_key is not None:
+            attn_key, mlp_key = jax.random.split(dropout_key)
+        h = self.attn_norm(x)
+        k, v = self.attn.project_kv(h, positions)  # (B, L, K, Dh)
+        if cache_kv is None:
+            kv_positions = positions
+        else:
+            ck, cv = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+        x = x + self.attn(h, positions, k, v, kv_positions, dropout_key=attn_key)
+        x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
+        x = with_logical_constraint(x, ("batch", "seq", None))
+        return x, (k, v)
+
+
+class Transformer(nnx.Module):
+    """Token embedding (+ learned positions) -> n_layers blocks -> final norm -> logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it is taken from the tokenizer when 0 in a run)")
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg, std=cfg.init_std)
+        if cfg.positions == "learned":
+            self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), cfg, std=cfg.init_std)
+        else:
+            self.pos_embed = None
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg)
+        if cfg.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, std=cfg.init_std)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """tokens: (B, L) int32; positions: (B, L) int32 (default 0..L-1; -1 marks left padding).
+        Returns float32 logits (B, L, V) and the updated cache (None without one)."""
+        cfg = self.cfg
+        c = jnp.dtype(cfg.compute_dtype)
+        B, L = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        emb_key = None
+        if dropout_key is not None and cfg.dropout > 0:
+            emb_key, dropout_key = jax.random.split(dropout_key)
+        else:
+            dropout_key = None
+
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c)  # (B, L, D)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], jnp.maximum(positions, 0), axis=0).astype(c)
+        x = dropout(x, cfg.dropout, emb_key)
+        x = with_logical_constraint(x, ("batch", "seq", None))
+
+        graphdef, block_params = nnx.split(self.blocks)
+        kv_positions = None
+        if cache is not None:
+            kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
+
+        def layer(x, i, params, ck=None, cv=None):
+            block = nnx.merge(graphdef, params)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            cache_kv = None if ck is None else (ck, cv)
+            return block(x, positions, cache_kv, kv_positions, None if cache is None else cache.index, key)
+
+        if cache is None:
+            if cfg.scan_layers:
+                def body(x, xs):
+                    i, p = xs
+                    return layer(x, i, p)[0], None
+                x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.n_layers), block_params))
+            else:
+                for i in range(cfg.n_layers):
+                    x, _ = layer(x, i, jax.tree.map(lambda p: p[i], block_params))
+        else:
+            # The whole cache rides in the loop carry and is updated in place, one layer at a time.
+            def body(carry, xs):
+                x, ks, vs = carry
+                i, p = xs
+                x, (k, v) = layer(x, i, p, ks[i], vs[i])
+                return (x, ks.at[i].set(k), vs.at[i].set(v)), None
+
+            if cfg.scan_layers:
+                (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (jnp.arange(cfg.n_layers), block_params))
+            else:
+                carry = (x, cache.k, cache.v)
+                for i in range(cfg.n_layers):
+                    carry, _ = body(carry, (i, jax.tree.map(lambda p: p[i], block_params)))
+                x, ks, vs = carry
+            cache = KVCache(ks, vs, kv_positions, cache.index + L)
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # (D, V)
+        logits = jnp.einsum("bld,dv->blv", x, head.astype(c), preferred_element_type=jnp.float32)
+        return logits, cache
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
+                rules=None) -> Transformer:
+    """Create a `Transformer` with parameters from `seed`.
+
+    Without a mesh the parameters live on the default device. With a mesh (and logical-axis
+    `rules`, see sharding/rules.py) the initializer is jitted with the parameters' shardings as
+    outputs, so no device ever holds the whole unsharded model.
+    """
+    def init() -> Transformer:
+        with nnx.use_eager_sharding(False):
+            return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+    if mesh is None:
+        return init()
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+    shardings = state_shardings(abstract_state, mesh, rules)
+    state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules):
+    """NamedShardings for an nnx State from its parameters' logical-axis metadata and `rules`."""
+    with nnx.logical_axis_rules(rules or ()):
+        return nnx.get_named_sharding(state, mesh)

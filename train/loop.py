@@ -1,0 +1,227 @@
+"""The training loop: `train(cfg)` runs (or resumes) one experiment and returns its summary.
+
+    from train.config import load_config
+    from train.loop import train
+    summary = train(load_config("experiments/quickstart.yaml", ["train.steps=50"]))
+
+Run directory (DESIGN.md): config.yaml, manifest.json, metrics.jsonl, tensorboard/, tokenizer.json,
+tokens/, checkpoints/<step>/, samples.txt, summary.json. A run directory that already holds
+checkpoints is resumed from the latest one: parameters, optimizer, step, RNG and data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from tqdm.auto import tqdm
+
+from model.transformer import build_model
+from sharding.mesh import make_mesh
+from sharding.rules import logical_to_spec, rules_for
+from train import data as data_lib
+from train.checkpoint import Checkpointer, read_checkpoint_meta
+from train.config import ConfigError, ExperimentConfig
+from train.metrics import MetricsWriter, peak_flops
+from train.optim import learning_rate_schedule, make_optimizer
+from train.run_files import params_sha256, write_json, write_manifest
+from train.step import init_train_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Changing these between a run and its resumption would silently change the experiment.
+RESUME_MUST_MATCH = ("model", "data", "optim")
+
+
+def resolve_vocab(cfg: ExperimentConfig, tokenizer) -> ExperimentConfig:
+    """Fill model.vocab_size from the tokenizer (0 = automatic); a smaller explicit size is an error."""
+    v = cfg.model.vocab_size
+    if v == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if v < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={v} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+    return cfg
+
+
+def check_resume_compatible(saved: dict, cfg: ExperimentConfig) -> None:
+    new = cfg.to_dict()
+    diffs = [f"{sec}.{k}: {saved.get(sec, {}).get(k)!r} -> {v!r}"
+             for sec in RESUME_MUST_MATCH for k, v in new[sec].items() if saved.get(sec, {}).get(k) != v]
+    if diffs:
+        raise ConfigError("cannot resume: the run's checkpoint was made with a different config ("
+                          + "; ".join(diffs) + "); use a new run.name, or the original settings")
+
+
+class Trainer:
+    """Holds what one run needs; `run()` trains to `cfg.train.steps`. Split from `train()` so tests
+    and notebooks can drive the pieces."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.run_dir = cfg.run.path
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save)
+        self.resume_step = self.checkpointer.latest_step()
+
+        self.data = data_lib.prepare_data(cfg.data, self.run_dir)
+        cfg = resolve_vocab(cfg, self.data.tokenizer)
+        if self.resume_step is not None:
+            _, saved_cfg, _ = read_checkpoint_meta(self.run_dir, self.resume_step)
+            check_resume_compatible(saved_cfg, cfg)
+        self.cfg = cfg
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            write_manifest(self.run_dir, seed=cfg.train.seed, data_fingerprint=self.data.fingerprint,
+                           data_stats=self.data.stats, resumed_from=self.resume_step)
+
+        self.mesh = make_mesh(cfg.mesh)
+        self.rules = rules_for(cfg.mesh.rules)
+        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", None), self.rules))
+        with self.mesh_context():
+            model = build_model(cfg.model, seed=cfg.train.seed, mesh=self.mesh, rules=self.rules)
+            self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+            self.graphdef, self.state = init_train_state(model, self.tx, cfg.train.seed)
+        self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+        self.train_step = make_train_step(self.graphdef, self.tx, self.lr_schedule, cfg.optim.grad_accum,
+                                          dropout=cfg.model.dropout > 0)
+        self.eval_step = make_eval_step(self.graphdef)
+        self.train_iter = data_lib.make_train_iterator(
+            self.data, cfg.data, cfg.train.batch_size, cfg.train.seed,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        if self.resume_step is not None:
+            self.state, data_state = self.checkpointer.restore(self.resume_step, self.state)
+            self.train_iter.set_state(data_state)
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
+
+    def mesh_context(self):
+        """Mesh + logical rules active while tracing, so activation constraints resolve."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nnx.logical_axis_rules(self.rules))
+        return stack
+
+    def to_global(self, local_batch: dict) -> dict:
+        """This process's rows -> one global jax.Array per field, sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}
+
+    def evaluate(self, batches, total: int | None = None, desc: str = "eval") -> float:
+        """Exact token-weighted mean loss over `batches`."""
+        loss_sum, count = 0.0, 0.0
+        show = self.cfg.train.progress and self.is_main
+        with self.mesh_context():
+            for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not show):
+                s, n = self.eval_step(self.state.params, self.to_global(batch))
+                loss_sum, count = loss_sum + float(s), count + float(n)
+        return loss_sum / max(count, 1.0)
+
+    def save(self, step: int, data_state: dict) -> None:
+        self.checkpointer.save(step, self.state, data_state, self.cfg.to_dict(), self.data.tokenizer.to_json())
+
+    def run(self) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
+        start = int(self.state.step)
+        tokens_per_step = tc.batch_size * cfg.data.seq_len
+        flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * tokens_per_step
+        peak, peak_source = peak_flops()
+        log.info("peak FLOP/s %.3g (%s)", peak, peak_source)
+        step_times, compile_time = [], None
+        t_start = time.perf_counter()
+        pbar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (tc.progress and self.is_main),
+                    dynamic_ncols=True)
+
+        with self.mesh_context():
+            if start < tc.steps:
+                batch = self.to_global(next(self.train_iter))
+                data_state = self.train_iter.get_state()  # the iterator's state after `batch` was drawn
+            for step in range(start, tc.steps):
+                t0 = time.perf_counter()
+                self.state, metrics = self.train_step(self.state, batch)
+                consumed_state = data_state
+                if step + 1 < tc.steps:  # draw the next batch while the device computes this step
+                    batch = self.to_global(next(self.train_iter))
+                    data_state = self.train_iter.get_state()
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                if compile_time is None:
+                    compile_time = dt
+                else:
+                    step_times.append(dt)
+                done = step + 1
+                pbar.update(1)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    record = {k: float(v) for k, v in metrics.items()}
+                    record.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                                  mfu=flops_per_step / dt / peak)
+                    if tc.eval_every and done % tc.eval_every == 0:
+                        record["val_loss"] = self.evaluate(
+                            data_lib.eval_sample_iterator(self.data, cfg.data, tc.batch_size, seed=tc.seed),
+                            total=tc.eval_batches, desc="val estimate")
+                    self.metrics.write(done, record)
+                    pbar.set_postfix(loss=f"{record['loss']:.4f}", **(
+                        {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
+                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < tc.steps:
+                    self.save(done, consumed_state)
+        pbar.close()
+        train_time = time.perf_counter() - t_start
+
+        final_loss = self.evaluate(data_lib.val_batches(self.data, cfg.data, tc.batch_size),
+                                   total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size),
+                                   desc="final eval (whole validation split)")
+        if start < tc.steps:
+            self.save(tc.steps, consumed_state)
+        self.checkpointer.wait()
+        median = statistics.median(step_times) if step_times else float("nan")
+        summary = {
+            "step": tc.steps,
+            "val_loss": final_loss,
+            "wall_time_s": time.perf_counter() - t_start,
+            "train_time_s": train_time,
+            "compile_time_s": compile_time,
+            "median_step_time_s": median,
+            "tokens_per_s": tokens_per_step / median if step_times else None,
+            "mfu": flops_per_step / median / peak if step_times else None,
+            "peak_flops": peak,
+            "peak_flops_source": peak_source,
+            "resumed_from_step": self.resume_step,
+            "params_sha256": params_sha256(self.state.params),
+        }
+        if self.is_main:
+            self.metrics.write(tc.steps, {"val_loss": final_loss, "final": True})
+            if tc.sample_tokens:
+                self.write_samples()
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def write_samples(self, n: int = 3) -> None:
+        from infer.sampler import generate_text
+
+        cfg = self.cfg
+        model = nnx.merge(self.graphdef, self.state.params)
+        prompt = cfg.train.sample_prompt or self.data.tokenizer.decode(self.data.val.read(0, 16))
+        texts = generate_text(model, self.data.tokenizer, [prompt] * n, max_new_tokens=cfg.train.sample_tokens,
+                              temperature=0.8, top_k=0, seed=cfg.train.seed)
+        sep = "\n" + "=" * 72 + "\n"
+        (self.run_dir / "samples.txt").write_text(sep.join(prompt + t for t in texts) + "\n")
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+
+
+def train(cfg: ExperimentConfig) -> dict:
+    """Train (or resume) the experiment `cfg` and return its summary (also in summary.json)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,101 @@
+"""Pure training and evaluation steps: forward -> loss -> backward -> Optax update.
+
+The NNX model is split once into a static `graphdef` and a pytree of parameters; the steps are
+plain `jax.jit` functions of `(TrainState, batch)` with the state donated, which costs less per
+step than `nnx.jit` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during training. `rng` is raw key data (uint32) so it checkpoints as
+    a plain array; dropout keys are derived from it and the step."""
+
+    step: jax.Array  # () int32, optimizer steps taken
+    params: Any  # nested dict of arrays (nnx pure dict)
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
+    """Split the model into (graphdef, TrainState)."""
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    opt_state = tx.init(params)
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+    """Sum of token losses and the number of tokens. logits (B, L, V) float32, targets (B, L)."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    losses = lse - target_logit
+    if weights is None:
+        return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+    return (losses * weights).sum(), weights.sum()
+
+
+def make_loss_fn(graphdef) -> Callable:
+    def loss_fn(params, batch, dropout_key):
+        model = nnx.merge(graphdef, params)
+        logits, _ = model(batch["inputs"], dropout_key=dropout_key)
+        total, count = cross_entropy(logits, batch["targets"], batch.get("weights"))
+        return total / count
+    return loss_fn
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
+                    dropout: bool = False) -> Callable:
+    """Return a jitted `train_step(state, batch) -> (state, metrics)` (state donated).
+
+    With `grad_accum > 1` the batch is split into that many micro-batches along B whose gradients
+    are averaged in a `lax.scan`, so activation memory is that of one micro-batch.
+    """
+    loss_fn = make_loss_fn(graphdef)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
+        if grad_accum == 1:
+            loss, grads = grad_fn(state.params, batch, key)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                k = None if key is None else jax.random.fold_in(key, i)
+                loss, grads = grad_fn(state.params, mb, k)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+            loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef) -> Callable:
+    """Return a jitted `eval_step(params, batch) -> (loss_sum, token_count)`; batches may carry
+    `weights` (0 for padding) so a whole split is averaged exactly."""
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits, _ = model(batch["inputs"])
+        return cross_entropy(logits, batch["targets"], batch.get("weights"))
+    return jax.jit(eval_step)
