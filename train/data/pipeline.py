@@ -19,10 +19,8 @@ restores on any process count with the same global batch size.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -202,24 +200,31 @@ class _CheckedIterDataset(grain.IterDataset):
     restoring a state saved by a different pipeline (other data, seed, batch size or sampling) is an
     error instead of silently different batches."""
 
-    def __init__(self, parent: grain.IterDataset, description: str):
+    def __init__(self, parent: grain.IterDataset, description: str, copy_out: bool = False):
         super().__init__(parent)
         self._description = description
+        self._copy_out = copy_out
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _CheckedIterator(self._parent.__iter__(), self._description)
+        return _CheckedIterator(self._parent.__iter__(), self._description, self._copy_out)
 
     def __str__(self) -> str:
         return f"_CheckedIterDataset({self._description})"
 
 
 class _CheckedIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, description: str):
+    def __init__(self, parent: grain.DatasetIterator, description: str, copy_out: bool):
         super().__init__(parent)
         self._description = description
+        self._copy_out = copy_out
 
     def __next__(self):
-        return next(self._parent)
+        batch = next(self._parent)
+        if self._copy_out:
+            # Worker batches arrive in shared memory that is freed only when the array is collected;
+            # a plain copy frees it now (and no batch still alive at exit leaks a segment).
+            batch = {k: np.array(v) for k, v in batch.items()}
+        return batch
 
     def get_state(self) -> dict[str, Any]:
         return {"pipeline": self._description, "grain": self._parent.get_state()}
@@ -262,14 +267,14 @@ def _window_iterator(
     # A few batches of read-ahead in threads; more buffers only memory (elements are whole batches).
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if worker_count > 0:
-        _allow_grain_workers()
+        _prepare_grain_workers()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2))
     description = (f"{purpose} {source!r} global_batch={global_batch} seed={seed} "
                    f"workers={worker_count}")
-    return iter(_CheckedIterDataset(it_ds, description))
+    return iter(_CheckedIterDataset(it_ds, description, copy_out=worker_count > 0))
 
 
-def _allow_grain_workers() -> None:
+def _prepare_grain_workers() -> None:
     # Grain's worker processes read absl flags; outside absl.app.run nobody parsed them, and the
     # workers would die with UnparsedFlagAccessError. (The caller still needs a __main__ guard:
     # workers are started with the 'spawn' method and re-import the main module.)

@@ -133,8 +133,11 @@ class TokenStore:
         return self.read(0, self._n)
 
     def __repr__(self) -> str:
-        # Stable across processes and restarts: the iterator state check uses it.
-        return f"TokenStore({self.path!r}, n_tokens={self._n}, fingerprint={self.meta.get('fingerprint', '')[:16]!r})"
+        # Content, not location: the iterator-state check compares it, and a run directory that was
+        # moved or copied must still restore.
+        m = self.meta
+        return (f"TokenStore(n_tokens={self._n}, split={m.get('split')!r}, "
+                f"fingerprint={str(m.get('fingerprint', ''))[:16]!r}, tokenizer={str(m.get('tokenizer_sha256', ''))[:16]!r})")
 
     def __reduce__(self):
         # Grain worker processes reopen the store from its path instead of pickling its tokens.
