@@ -123,10 +123,12 @@ _LLAMA = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, tie_em
 
 PRESETS: dict[str, ModelConfig] = {
     # nanoGPT's "baby GPT" (config/train_shakespeare_char.py with the CPU overrides of its README).
-    "gpt2-nano": ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, **_GPT2),
+    # Small presets unroll their layers: on CPU that is faster than a scan, and they compile fast anyway.
+    "gpt2-nano": ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, scan_layers=False, **_GPT2),
     "gpt2-124m": ModelConfig(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, **_GPT2),
     "llama-tiny": ModelConfig(
-        d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256, norm_eps=1e-5, **_LLAMA
+        d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=256, norm_eps=1e-5,
+        scan_layers=False, **_LLAMA
     ),
     "llama-1b": ModelConfig(  # Llama 3.2 1B
         vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,

@@ -95,7 +95,7 @@ def test_left_padding_does_not_change_logits(cfg):
 
 
 def test_scanned_and_unrolled_layers_agree(cfg):
-    scanned = build_model(cfg, seed=5)
+    scanned = build_model(dataclasses.replace(cfg, scan_layers=True), seed=5)
     unrolled = build_model(dataclasses.replace(cfg, scan_layers=False), seed=5)
     toks = tokens(2, 9, cfg.vocab_size, seed=6)
     np.testing.assert_allclose(scanned(toks)[0], unrolled(toks)[0], atol=FLOAT32_ATOL, rtol=0)
