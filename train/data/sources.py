@@ -20,7 +20,6 @@ import os
 import sys
 import sysconfig
 import tempfile
-import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -100,13 +99,19 @@ def truncate(documents: list[str], max_chars: int) -> list[str]:
 
 # ---- python_stdlib -----------------------------------------------------------------------
 
-def _python_stdlib(max_chars: int = 0) -> tuple[list[str], str]:
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """(stdlib root, its `.py` files sorted by relative path), without site-packages and test suites."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]  # prune: site-packages is huge
         files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
     files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return root, files
+
+
+def _python_stdlib(max_chars: int = 0) -> tuple[list[str], str]:
+    root, files = stdlib_files()
     order = np.random.default_rng(_STDLIB_SHUFFLE_SEED).permutation(len(files))
     docs, n_chars = [], 0
     for i in order:
@@ -205,11 +210,10 @@ def download(url: str, cache_dir: str, sha256: str = "") -> Path:
         if sha256 and actual != sha256.lower():
             raise ConfigError(f"data.sha256 mismatch for {url}: expected {sha256.lower()}, got {actual}")
         os.replace(tmp, target)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        reason = getattr(e, "reason", None) or e
-        raise ConfigError(f"could not download {url}: {reason}") from None
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a malformed URL
+        raise ConfigError(f"could not download {url}: {getattr(e, 'reason', None) or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return target
