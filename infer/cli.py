@@ -1,0 +1,130 @@
+"""`python -m infer COMMAND ...`: the inference command line (thin: parse, check, call a function).
+
+    python -m infer sample --run runs/quickstart --prompt "def " --max-new-tokens 64 --temperature 0.8
+
+Commands are argparse subcommands, each a `cmd_<name>(args) -> exit code` registered in
+`build_parser`, so `serve`, `chat`, `export`, `import-hf` slot in beside `sample`. User mistakes
+(missing run, bad numbers, text the tokenizer cannot encode) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message is printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line (no usage block) with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m infer", description="Sample from, serve and export jaxlm checkpoints.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("sample", help="continue a prompt with a trained checkpoint",
+                       description="Load a checkpoint (config and tokenizer come from it), continue "
+                                   "the prompt and print prompt + completion.")
+    p.add_argument("--run", required=True, help="run directory (or its checkpoints/ directory)")
+    p.add_argument("--prompt", required=True, help='text to continue ("" starts from the EOS token)')
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, "
+                        "shortened to fit the model's context)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Orbax logs routine notes (read-only manager options, ...) as absl warnings; a command's stderr
+    # is for what the user must act on.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"python -m infer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Reject impossible numbers before anything heavy is imported."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be a positive integer")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise UserError(f"--top-k={args.top_k} must be >= 0 (0 = no top-k filtering)")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p={args.top_p} must be in (0, 1] (1 = no nucleus filtering)")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed={args.seed} must be in [0, 2**32)")
+    if args.step is not None and args.step < 0:
+        raise UserError(f"--step={args.step} must be >= 0")
+
+
+def load_checkpoint(run: str, step: int | None):
+    """(cfg, model, tokenizer, step) via train.checkpoint.load_for_inference, user errors as UserError."""
+    if not Path(run).is_dir():
+        raise UserError(f"--run={run}: no such run or checkpoint directory")
+    from train.checkpoint import load_for_inference
+    from train.config import ConfigError
+
+    try:
+        return load_for_inference(run, step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except ConfigError as e:
+        raise UserError(f"{run}: the checkpoint's config is invalid: {e}") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    check_sampling_args(args)
+    cfg, model, tokenizer, step = load_checkpoint(args.run, args.step)
+    try:
+        ids = [int(i) for i in tokenizer.encode(args.prompt)]
+    except ValueError as e:  # e.g. a character the char tokenizer does not know
+        raise UserError(f"--prompt: {e}") from None
+    if not ids:
+        if tokenizer.eos_id is None:
+            raise UserError(f"--prompt is empty and the {tokenizer.kind} tokenizer has no EOS token to start "
+                            "from; give at least one character")
+        ids = [tokenizer.eos_id]
+
+    room = cfg.model.max_seq_len - len(ids)
+    if room < 1:
+        raise UserError(f"--prompt is {len(ids)} tokens; the model's context (max_seq_len "
+                        f"{cfg.model.max_seq_len}) leaves no room for new tokens")
+    if args.max_new_tokens is None:
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, room)
+    elif args.max_new_tokens > room:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} does not fit: the prompt is {len(ids)} tokens "
+                        f"and max_seq_len is {cfg.model.max_seq_len}, so at most {room} new tokens")
+    else:
+        max_new = args.max_new_tokens
+
+    from infer.sampler import generate
+
+    new = generate(model, [ids], max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)[0]
+    if new and tokenizer.eos_id is not None and new[-1] == tokenizer.eos_id:
+        new = new[:-1]  # the EOS that stopped the row is not text
+    sys.stdout.write(args.prompt + tokenizer.decode(new) + "\n")
+    sys.stdout.flush()
+    return 0
