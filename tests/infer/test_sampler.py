@@ -1,9 +1,10 @@
 """The sampler: cached decoding equals the full forward pass, ragged batches equal single prompts,
 sampling is reproducible from the seed, and EOS / length limits stop rows.
 
-Models are tiny random transformers in float32 with a larger init_std than training uses, so the
-logits are far from uniform and greedy argmax does not hinge on float32 rounding (cached and
-uncached attention sum in different orders; differences are ~1e-6, top-2 gaps ~1e-1).
+Models are tiny random float32 transformers (one with unrolled layers, one scanned) with a larger
+init_std than training uses, so the logits are far from uniform and greedy argmax does not hinge on
+float32 rounding (cached and uncached attention sum in different orders; differences are ~1e-6,
+top-2 gaps ~1e-1).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ V = 97
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    return build_model(preset("gpt2-nano", vocab_size=V, n_layers=2, init_std=0.5), seed=0)
+def gpt2():  # learned positions, LayerNorm, GELU, tied embeddings, layers unrolled
+    return build_model(preset("gpt2-nano", vocab_size=V, n_layers=2, init_std=0.5, scan_layers=False), seed=0)
 
 
 @pytest.fixture(scope="module")
-def llama():  # RoPE, SwiGLU, RMSNorm, grouped-query attention (4 heads, 2 kv heads)
-    cfg = preset("llama-tiny", vocab_size=V, n_layers=2, d_ff=128, max_seq_len=64, init_std=0.2)
+def llama():  # RoPE, SwiGLU, RMSNorm, grouped-query attention (4 heads, 2 kv heads), layers in a lax.scan
+    cfg = preset("llama-tiny", vocab_size=V, n_layers=2, d_ff=128, max_seq_len=64, init_std=0.2, scan_layers=True)
     assert cfg.kv_heads < cfg.n_heads
     return build_model(cfg, seed=1)
 
