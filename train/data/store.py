@@ -28,6 +28,11 @@ CHUNK_TOKENS = 1 << 20  # 2 MiB of uint16 per chunk: few objects on GCS, cheap p
 IN_MEMORY_BYTES = 1 << 30
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The storage dtype for ids below `vocab_size`: uint16 up to 65535 ids, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
+
+
 def kvstore_spec(path: str) -> dict[str, Any]:
     """The tensorstore kvstore for a local path or `gs://bucket/path` (a directory: trailing '/')."""
     if path.startswith("gs://"):
@@ -94,7 +99,7 @@ class TokenStore:
     def write(cls, path: str, tokens: np.ndarray, meta: dict[str, Any], vocab_size: int) -> "TokenStore":
         """Write `tokens` (1-D) to a fresh store at `path`, replacing whatever is there, then `meta`."""
         tokens = np.asarray(tokens).reshape(-1)
-        dtype = np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
+        dtype = token_dtype(vocab_size)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"token ids must be in [0, {vocab_size})")
         kv = ts.KvStore.open(kvstore_spec(path)).result()

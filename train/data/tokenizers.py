@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from train.config import ConfigError, DataConfig
+from train.data.store import token_dtype
 
 EOS_TEXT = "<|endoftext|>"
 
@@ -260,11 +261,6 @@ def build_tokenizer(cfg: DataConfig, documents: list[str], progress: bool = True
             return BPETokenizer.load(cfg.tokenizer_path)
         return BPETokenizer.train(documents, cfg.bpe_vocab_size, progress=progress)
     raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not one of byte, char, bpe")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest storage dtype for ids below `vocab_size`: uint16 up to 65535 ids, else int32."""
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
 
 
 def encode_documents(
