@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (or its checkpoints/ directory)")
     p.add_argument("--prompt", required=True, help='text to continue ("" starts from the EOS token)')
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, "
-                        "shortened to fit the model's context)")
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}); past the model's "
+                        "context the window slides over the last max_seq_len/2 tokens")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
@@ -107,22 +107,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
                             "from; give at least one character")
         ids = [tokenizer.eos_id]
 
-    room = cfg.model.max_seq_len - len(ids)
-    if room < 1:
-        raise UserError(f"--prompt is {len(ids)} tokens; the model's context (max_seq_len "
-                        f"{cfg.model.max_seq_len}) leaves no room for new tokens")
-    if args.max_new_tokens is None:
-        max_new = min(DEFAULT_MAX_NEW_TOKENS, room)
-    elif args.max_new_tokens > room:
-        raise UserError(f"--max-new-tokens={args.max_new_tokens} does not fit: the prompt is {len(ids)} tokens "
-                        f"and max_seq_len is {cfg.model.max_seq_len}, so at most {room} new tokens")
-    else:
-        max_new = args.max_new_tokens
+    max_new = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
 
-    from infer.sampler import generate
+    from infer.sampler import generate_long
 
-    new = generate(model, [ids], max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)[0]
+    # Past the model's context the window slides (generate_long), so any length can be asked for.
+    new = generate_long(model, [ids], max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)[0]
     if new and tokenizer.eos_id is not None and new[-1] == tokenizer.eos_id:
         new = new[:-1]  # the EOS that stopped the row is not text
     sys.stdout.write(args.prompt + tokenizer.decode(new) + "\n")

@@ -243,3 +243,54 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     """
     return Sampler(model).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
+
+
+def generate_long(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  eos_id: int | None = None) -> list[list[int]]:
+    """`generate`, but without the context limit: when prompt + new tokens exceed max_seq_len, it
+    generates in chunks, each conditioned on the last max_seq_len // 2 tokens (nanoGPT's generate
+    crops the context the same way, recomputing it for every token). Within the limit it is
+    exactly `generate`.
+    """
+    sampler = Sampler(model)
+    window = model.cfg.max_seq_len
+    rows = [list(np.asarray(p, dtype=np.int64).reshape(-1)) for p in prompts]
+    if all(len(r) + max_new_tokens <= window for r in rows):
+        return sampler.generate(rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, eos_id=eos_id)
+    keep = max(window // 2, 1)
+    new: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows)))
+    chunk = 0
+    while active:
+        contexts = [(rows[i] + new[i])[-keep:] for i in active]
+        n = min(max_new_tokens - len(new[active[0]]), window - max(len(c) for c in contexts))
+        out = sampler.generate(contexts, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=(seed + 7919 * chunk) % 2**32, eos_id=eos_id)
+        still = []
+        for i, toks in zip(active, out):
+            new[i].extend(toks)
+            if not (eos_id is not None and toks and toks[-1] == eos_id) and len(new[i]) < max_new_tokens:
+                still.append(i)
+        active, chunk = still, chunk + 1
+    return new
+
+
+def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Text in, text out: encode each prompt (an empty one starts from EOS), generate with
+    `generate_long`, and decode the new tokens (without the EOS that stopped a row)."""
+    ids = []
+    for p in prompts:
+        t = [int(i) for i in tokenizer.encode(p)]
+        if not t:
+            if tokenizer.eos_id is None:
+                raise ValueError(f"an empty prompt needs an EOS token to start from; the {tokenizer.kind} "
+                                 "tokenizer has none")
+            t = [tokenizer.eos_id]
+        ids.append(t)
+    out = generate_long(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, eos_id=tokenizer.eos_id)
+    eos = tokenizer.eos_id
+    return [tokenizer.decode(t[:-1] if (eos is not None and t and t[-1] == eos) else t) for t in out]

@@ -12,6 +12,7 @@ checkpoints is resumed from the latest one: parameters, optimizer, step, RNG and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import statistics
 import time
@@ -92,9 +93,10 @@ class Trainer:
         self.train_step = make_train_step(self.graphdef, self.tx, self.lr_schedule, cfg.optim.grad_accum,
                                           dropout=cfg.model.dropout > 0)
         self.eval_step = make_eval_step(self.graphdef)
-        self.train_iter = data_lib.make_train_iterator(
-            self.data, cfg.data, cfg.train.batch_size, cfg.train.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+        # Each process reads only its rows of every global batch.
+        self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        self.train_iter = data_lib.make_train_iterator(self.data, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                                                       **self.process)
         if self.resume_step is not None:
             self.state, data_state = self.checkpointer.restore(self.resume_step, self.state)
             self.train_iter.set_state(data_state)
@@ -163,8 +165,9 @@ class Trainer:
                     record.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                                   mfu=flops_per_step / dt / peak)
                     if tc.eval_every and done % tc.eval_every == 0:
-                        record["val_loss"] = self.evaluate(
-                            data_lib.eval_sample_iterator(self.data, cfg.data, tc.batch_size, seed=tc.seed),
+                        record["val_loss"] = self.evaluate(itertools.islice(
+                            data_lib.eval_sample_iterator(self.data, cfg.data, tc.batch_size, seed=tc.seed,
+                                                          **self.process), tc.eval_batches),
                             total=tc.eval_batches, desc="val estimate")
                     self.metrics.write(done, record)
                     pbar.set_postfix(loss=f"{record['loss']:.4f}", **(
@@ -174,7 +177,7 @@ class Trainer:
         pbar.close()
         train_time = time.perf_counter() - t_start
 
-        final_loss = self.evaluate(data_lib.val_batches(self.data, cfg.data, tc.batch_size),
+        final_loss = self.evaluate(data_lib.val_batches(self.data, cfg.data, tc.batch_size, **self.process),
                                    total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size),
                                    desc="final eval (whole validation split)")
         if start < tc.steps:

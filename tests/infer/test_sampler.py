@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer.sampler import Sampler, bucket_length, generate, pad_prompts, sample_logits
+from infer.sampler import Sampler, bucket_length, generate, generate_long, pad_prompts, sample_logits
 from model import build_model, preset
 
 V = 97
@@ -170,3 +170,20 @@ def test_bucketing_and_left_padding():
     tokens, positions = pad_prompts([np.array([5, 6, 7]), np.array([9])], 4)
     np.testing.assert_array_equal(tokens, [[0, 5, 6, 7], [0, 0, 0, 9]])
     np.testing.assert_array_equal(positions, [[-1, 0, 1, 2], [-1, -1, -1, 0]])
+
+
+def test_generate_long_within_the_context_is_generate(gpt2):
+    assert generate_long(gpt2, PROMPTS, max_new_tokens=12, temperature=0) == \
+        generate(gpt2, PROMPTS, max_new_tokens=12, temperature=0)
+
+
+def test_generate_long_slides_the_window_past_the_context(gpt2):
+    """gpt2 has 64 positions: 6 prompt tokens + 100 new ones need a second chunk, conditioned on
+    the last 32 tokens."""
+    prompt = PROMPTS[0]
+    out = generate_long(gpt2, [prompt], max_new_tokens=100, temperature=0)[0]
+    assert len(out) == 100
+    first = generate(gpt2, [prompt], max_new_tokens=58, temperature=0)[0]
+    assert out[:58] == first
+    context = (prompt + first)[-32:]
+    assert out[58:90] == generate(gpt2, [context], max_new_tokens=32, temperature=0)[0]
