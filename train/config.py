@@ -43,7 +43,7 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | char | bpe
     tokenizer_path: str = ""  # bpe: an existing tokenizer.json instead of training one
     bpe_vocab_size: int = 4096  # bpe: vocabulary size to train
-    seq_len: int = 256  # tokens per training example (the model's context)
+    seq_len: int = 0  # tokens per training example (0 = the model's max_seq_len)
     val_fraction: float = 0.1  # last fraction of the token stream held out for validation
     sampling: str = "windows"  # windows: random offsets (nanoGPT); packed: shuffled disjoint chunks
     store: str = ""  # token store location (local path or gs://...); "" = <run dir>/tokens
@@ -57,8 +57,8 @@ class DataConfig:
             raise ConfigError("data.path is required with data.source=files (a file, directory or glob)")
         if self.source == "url" and not self.url:
             raise ConfigError("data.url is required with data.source=url")
-        if self.seq_len <= 0:
-            raise ConfigError(f"data.seq_len={self.seq_len} must be a positive integer")
+        if self.seq_len < 0:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be a positive integer (0 = model.max_seq_len)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.bpe_vocab_size < 260:
@@ -271,6 +271,8 @@ def from_dict(tree: dict[str, dict[str, Any]]) -> ExperimentConfig:
                 raise ConfigError(f"model.preset={preset_name!r} is not one of {', '.join(PRESETS)}")
             base = PRESETS[preset_name]
         sections[name] = _build_section(name, base, body)
+    if sections["data"].seq_len == 0:
+        sections["data"] = dataclasses.replace(sections["data"], seq_len=sections["model"].max_seq_len)
     return ExperimentConfig(**sections).validate()
 
 

@@ -85,7 +85,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
             loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return jax.jit(train_step, donate_argnums=0)

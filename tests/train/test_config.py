@@ -52,6 +52,11 @@ def test_yaml_then_overrides_then_preset(tmp_path):
     assert cfg.train.steps == 9 and cfg.optim.lr == 3e-4 and cfg.checkpoint.async_save is False
 
 
+def test_seq_len_defaults_to_the_model_context():
+    assert load_config(None, ["model.preset=gpt2-nano"]).data.seq_len == 64
+    assert load_config(None, ["model.preset=gpt2-nano", "data.seq_len=32"]).data.seq_len == 32
+
+
 def test_resolved_config_round_trips():
     cfg = load_config(None, ["model.preset=gpt2-nano", "train.steps=3"])
     assert from_dict(cfg.to_dict()) == cfg
@@ -69,6 +74,7 @@ def test_resolved_config_round_trips():
     ("mesh.data=0", "mesh.data=0"),
     ("checkpoint.async_save=maybe", "must be true or false"),
     ("data.seq_len=512", "data.seq_len=512 exceeds model.max_seq_len=256"),
+    ("data.seq_len=-1", "data.seq_len=-1 must be a positive integer"),
     ("steps=3", "must look like section.key=value"),
 ])
 def test_bad_values_are_one_line_errors(override, message):
