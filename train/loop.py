@@ -71,7 +71,7 @@ class Trainer:
                                          async_save=cfg.checkpoint.async_save)
         self.resume_step = self.checkpointer.latest_step()
 
-        self.data = data_lib.prepare_data(cfg.data, self.run_dir)
+        self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress)
         cfg = resolve_vocab(cfg, self.data.tokenizer)
         if self.resume_step is not None:
             _, saved_cfg, _ = read_checkpoint_meta(self.run_dir, self.resume_step)
