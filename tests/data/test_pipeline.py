@@ -116,7 +116,7 @@ def test_prepare_data_too_small_corpus_is_config_error(tmp_path):
     f = tmp_path / "tiny.txt"
     f.write_text("just a few characters here")
     with pytest.raises(ConfigError, match="data.seq_len=256"):
-        prepare_data(DataConfig(source="files", path=str(f)), tmp_path / "run", progress=False)
+        prepare_data(DataConfig(source="files", path=str(f), seq_len=256), tmp_path / "run", progress=False)
 
 
 def _tinyshakespeare_copy() -> Path | None:
