@@ -145,3 +145,11 @@ def test_encode_documents_joins_with_eos_when_the_tokenizer_has_one():
     # Batching boundaries do not change the stream.
     small = encode_documents(ByteTokenizer(), docs, progress=False, batch_chars=1)
     assert np.array_equal(small, ids)
+
+
+def test_bpe_learns_merges_from_the_training_share_only():
+    from train.data.tokenizers import leading_share
+
+    docs = ["aaaa", "bbbb", "cccc", "dddd", "eeee"]
+    assert leading_share(docs, 0.5) == ["aaaa", "bbbb", "cc"]
+    assert leading_share(docs, 1.0) == docs

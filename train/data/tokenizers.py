@@ -245,6 +245,20 @@ def tokenizer_from_json(s: str) -> Tokenizer:
     raise ValueError(f"unknown tokenizer kind {kind!r}; known: byte, char, bpe")
 
 
+def leading_share(documents: Sequence[str], fraction: float) -> list[str]:
+    """The first `fraction` of the corpus's characters, as documents (the last one cut): BPE merges
+    are learned from the training part only, so the validation text stays unseen. (The char
+    tokenizer, like nanoGPT's, takes its alphabet from the whole text.)"""
+    budget = int(sum(len(d) for d in documents) * fraction)
+    out = []
+    for d in documents:
+        if budget <= 0:
+            break
+        out.append(d[:budget])
+        budget -= len(d)
+    return out
+
+
 def build_tokenizer(cfg: DataConfig, documents: list[str], progress: bool = True) -> Tokenizer:
     """The tokenizer `cfg.tokenizer` names: fixed (byte), or fit to `documents` (char, bpe), or loaded
     from `cfg.tokenizer_path` (bpe)."""
@@ -259,7 +273,8 @@ def build_tokenizer(cfg: DataConfig, documents: list[str], progress: bool = True
     if cfg.tokenizer == "bpe":
         if cfg.tokenizer_path:
             return BPETokenizer.load(cfg.tokenizer_path)
-        return BPETokenizer.train(documents, cfg.bpe_vocab_size, progress=progress)
+        return BPETokenizer.train(leading_share(documents, 1.0 - cfg.val_fraction), cfg.bpe_vocab_size,
+                                  progress=progress)
     raise ConfigError(f"data.tokenizer={cfg.tokenizer!r} is not one of byte, char, bpe")
 
 
