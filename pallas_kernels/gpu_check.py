@@ -265,8 +265,8 @@ def summary_table(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pallas_kernels.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_check.json (default $OUT)")
-    p.add_argument("--budget-s", type=float, default=450, help="stop starting sections after this (default 450)")
-    p.add_argument("--batch", type=int, default=16, help="gpt2-124m batch for the MFU steps (default 16)")
+    p.add_argument("--budget-s", type=float, default=420, help="start no section that would end past this (default 420)")
+    p.add_argument("--batch", type=int, default=32, help="gpt2-124m batch for the MFU steps (default 32)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, to dry-run every section on a CPU (kernels interpreted; no figures)")

@@ -14,6 +14,7 @@ heads, dK/dV come out per query head in float32 and ops.py sums each group.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -89,9 +90,20 @@ def _seg_specs(segmented, q_spec, kv_spec):
     return [q_spec, kv_spec] if segmented else []
 
 
+def check_triton_sizes(head_dim: int, blocks) -> None:
+    """Triton tiles are powers of two of at least 16 elements: name the size that is not."""
+    for name, size in (("head dim", head_dim), *dataclasses.asdict(blocks).items()):
+        if name.startswith("num_") or size is None:
+            continue
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}={size} must be a power of two >= 16 for the GPU (Triton) kernels "
+                             f"(block sizes are clipped to the sequence length)")
+
+
 def forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, blocks, interpret):
     """(out (B, L, H, Dh) in q.dtype, lse (B, H, L) float32)."""
     B, L, H, Dh = q.shape
+    check_triton_sizes(Dh, blocks)
     S, K = k.shape[1], k.shape[2]
     G = H // K
     bq, bk = blocks.block_q, blocks.block_k

@@ -9,7 +9,7 @@ import dataclasses
 class MatmulBlockSizes:
     """(block_m, block_n) output tile, block_k the contraction step. GPU only: `group_m` output
     tile rows launched together so they share B's columns in L2, and Triton's warps / pipeline
-    stages. A block larger than its dimension is clipped (to a multiple of 16)."""
+    stages. A block larger than its dimension is clipped (see `clipped`)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -29,6 +29,8 @@ class MatmulBlockSizes:
         raise ValueError(f"backend={backend!r} is not one of gpu, tpu")
 
     def clipped(self, m: int, n: int, k: int) -> "MatmulBlockSizes":
-        fit = lambda block, dim: min(block, -(-dim // 16) * 16)  # noqa: E731
+        """Blocks no larger than the next power of two >= the dimension (at least 16): Triton
+        tiles are powers of two, and the dimension is zero-padded up to the block."""
+        fit = lambda block, dim: min(block, max(16, 1 << (dim - 1).bit_length()))  # noqa: E731
         return dataclasses.replace(self, block_m=fit(self.block_m, m), block_n=fit(self.block_n, n),
                                    block_k=fit(self.block_k, k))

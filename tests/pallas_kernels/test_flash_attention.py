@@ -121,12 +121,14 @@ def test_causal_output_ignores_later_keys():
     (dict(q=(2, 64, 4, 64), k=(2, 64, 2, 32)), "head dims differ: q has Dh=64, k and v have Dh=32"),
     (dict(q=(2, 40, 4, 64), k=(2, 40, 2, 64)), "sequence length L=40 must be a multiple of its block size 16"),
     (dict(q=(2, 64, 4, 64), k=(1, 64, 2, 64)), "batch sizes differ: q has B=2, k and v have B=1"),
+    (dict(q=(2, 64, 4, 48), k=(2, 64, 2, 48)), "head dim=48 must be a power of two >= 16 for the GPU"),
+    (dict(q=(2, 48, 4, 64), k=(2, 48, 2, 64), block=64), "block_q=48 must be a power of two >= 16 for the GPU"),
 ])
 def test_shape_errors_name_the_sizes(kwargs, message):
     q = jnp.zeros(kwargs["q"], jnp.float32)
     k = jnp.zeros(kwargs["k"], jnp.float32)
     with pytest.raises(ValueError, match=message):
-        flash_attention(q, k, k, block_sizes=BlockSizes.uniform(16), backend="gpu")
+        flash_attention(q, k, k, block_sizes=BlockSizes.uniform(kwargs.get("block", 16)), backend="gpu")
 
 
 def test_segment_ids_shape_error():
