@@ -1,21 +1,12 @@
-"""Pieces the GPU and TPU flash-attention kernels share: the block matmul, the mask, and the
+"""Pieces the GPU and TPU flash-attention kernels share: the tile mask and the
 shape checks whose errors name the offending sizes."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 NEG_INF = float("-inf")
-
-
-def block_dot(a, b, trans_a: bool = False, trans_b: bool = False):
-    """a @ b on tiles (optionally transposed operands), float32 accumulation. float32 inputs ask
-    for full precision so the float32 tolerance is float32's, not TF32's."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def tile_mask(q_start, k_start, block_q: int, block_k: int, causal: bool, q_seg=None, kv_seg=None):

@@ -24,7 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.common import NEG_INF, block_dot, tile_mask
+from pallas_kernels.flash_attention.common import NEG_INF, tile_mask
+from pallas_kernels.tiles import block_dot
 
 LOG2E = math.log2(math.e)
 

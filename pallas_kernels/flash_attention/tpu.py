@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.common import NEG_INF, block_dot, tile_mask
+from pallas_kernels.flash_attention.common import NEG_INF, tile_mask
+from pallas_kernels.tiles import block_dot
 
 PARALLEL, ARBITRARY = "parallel", "arbitrary"
 

@@ -15,7 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.common import block_dot
+from pallas_kernels.tiles import block_dot
 
 
 def _kernel(a_ref, b_ref, o_ref, *, block_k: int, n_k: int):

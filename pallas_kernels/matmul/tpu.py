@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.common import block_dot
+from pallas_kernels.tiles import block_dot
 
 
 def _kernel(a_ref, b_ref, o_ref, acc_ref):
