@@ -6,7 +6,7 @@ the grouped tensor. Softmax runs in base 2 (exp2 is one instruction) on scores p
 by log2(e); the saved log-sum-exp is in natural-log units, as the reference defines it.
 
 Forward: grid (L/bq, B, H); online softmax over key blocks (FlashAttention-2), causal programs
-stop at the diagonal and mask only the blocks that straddle it.
+stop at the diagonal, mask only the blocks that straddle it, and launch longest rows first.
 Backward: delta = rowsum(dO * O) in XLA, then a dK/dV kernel (grid (S/bk, B, H), a key block
 loops over the query blocks that see it) and a dQ kernel (grid (L/bq, B, H)). With grouped
 heads, dK/dV come out per query head in float32 and ops.py sums each group.
@@ -38,6 +38,12 @@ def _compiler_params(num_warps, num_stages, head_dim):
     return plgpu.CompilerParams(num_warps=_warps(num_warps, head_dim), num_stages=num_stages or 2)
 
 
+def _query_block(i, n_q_blocks: int, causal: bool):
+    """Grid index -> query block. Causal programs launch the longest rows (last query blocks,
+    which see the most keys) first, so the short ones fill the GPU's tail instead of long ones."""
+    return n_q_blocks - 1 - i if causal else i
+
+
 def _causal_split(q_start, block_q, block_k, n_kv_blocks):
     """Key blocks [0, n_full) lie wholly at or below the diagonal of a query block starting at
     q_start (no causal mask needed); [n_full, n_end) straddle it; later blocks are skipped."""
@@ -46,12 +52,12 @@ def _causal_split(q_start, block_q, block_k, n_kv_blocks):
     return n_full, n_end
 
 
-def _forward_kernel(*refs, causal, segmented, scale2, block_q, block_k, n_kv_blocks):
+def _forward_kernel(*refs, causal, segmented, scale2, block_q, block_k, n_kv_blocks, n_q_blocks):
     if segmented:
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
     else:
         (q_ref, k_ref, v_ref, o_ref, lse_ref), qseg_ref, kseg_ref = refs, None, None
-    q_start = pl.program_id(0) * block_q
+    q_start = _query_block(pl.program_id(0), n_q_blocks, causal) * block_q
     q = q_ref[...]  # (bq, Dh)
     q_seg = qseg_ref[...] if segmented else None
 
@@ -110,16 +116,17 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, sm_scale, blocks, interpret):
     bq, bk = blocks.block_q, blocks.block_k
     segmented = q_seg is not None
     kernel = functools.partial(_forward_kernel, causal=causal, segmented=segmented, scale2=sm_scale * LOG2E,
-                               block_q=bq, block_k=bk, n_kv_blocks=S // bk)
+                               block_q=bq, block_k=bk, n_kv_blocks=S // bk, n_q_blocks=L // bq)
+    qb = functools.partial(_query_block, n_q_blocks=L // bq, causal=causal)
     in_specs = [
-        pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, qb(i), h, 0)),
         pl.BlockSpec((None, S, None, Dh), lambda i, b, h: (b, 0, h // G, 0)),
         pl.BlockSpec((None, S, None, Dh), lambda i, b, h: (b, 0, h // G, 0)),
-        *_seg_specs(segmented, pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+        *_seg_specs(segmented, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                     pl.BlockSpec((None, S), lambda i, b, h: (b, 0))),
     ]
-    out_specs = [pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, i, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
+    out_specs = [pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, qb(i), h, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i)))]
     args = (q, k, v) + ((q_seg, kv_seg) if segmented else ())
     return pl.pallas_call(
         kernel, grid=(L // bq, B, H), in_specs=in_specs, out_specs=out_specs,
@@ -174,12 +181,12 @@ def _dkdv_kernel(*refs, causal, segmented, sm_scale, block_q, block_k, n_q_block
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, causal, segmented, sm_scale, block_q, block_k, n_kv_blocks):
+def _dq_kernel(*refs, causal, segmented, sm_scale, block_q, block_k, n_kv_blocks, n_q_blocks):
     if segmented:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
     else:
         (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref), qseg_ref, kseg_ref = refs, None, None
-    q_start = pl.program_id(0) * block_q
+    q_start = _query_block(pl.program_id(0), n_q_blocks, causal) * block_q
     q = q_ref[...]
     do = do_ref[...]
     lse2 = lse_ref[...] * LOG2E
@@ -241,15 +248,16 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal, sm_scale, blocks, 
     )(*args)
 
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
-    q_block = pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, i, h, 0))
-    row_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    qb = functools.partial(_query_block, n_q_blocks=L // bq, causal=causal)
+    q_block = pl.BlockSpec((None, bq, None, Dh), lambda i, b, h: (b, qb(i), h, 0))
+    row_block = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, qb(i)))
     full_kv = pl.BlockSpec((None, S, None, Dh), lambda i, b, h: (b, 0, h // G, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, causal=causal, segmented=segmented, sm_scale=sm_scale, block_q=bq,
-                          block_k=bk, n_kv_blocks=S // bk),
+                          block_k=bk, n_kv_blocks=S // bk, n_q_blocks=L // bq),
         grid=(L // bq, B, H),
         in_specs=[q_block, full_kv, full_kv, q_block, row_block, row_block,
-                  *_seg_specs(segmented, pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                  *_seg_specs(segmented, pl.BlockSpec((None, bq), lambda i, b, h: (b, qb(i))),
                               pl.BlockSpec((None, S), lambda i, b, h: (b, 0)))],
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
