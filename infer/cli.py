@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--attention", choices=("xla", "pallas", "cudnn"), default="xla",
+                   help="attention implementation for sampling, whatever the checkpoint was trained with "
+                        "(default xla: the KV-cache sampler needs it; the kernels compute full sequences)")
+    p.add_argument("--matmul", choices=("xla", "pallas"), default="xla",
+                   help="dense-layer matmul for sampling, whatever the checkpoint was trained with (default xla; "
+                        "pallas needs a GPU/TPU)")
     p.set_defaults(func=cmd_sample)
     return parser
 
@@ -94,9 +100,45 @@ def load_checkpoint(run: str, step: int | None):
         raise UserError(f"{run}: the checkpoint's config is invalid: {e}") from None
 
 
+def with_kernels(model, attention: str, matmul: str):
+    """The same parameters under a config with other attention / matmul implementations (they
+    change no parameter, so a checkpoint trained with `pallas` samples with `xla`)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from model.transformer import Transformer
+
+    cfg = dataclasses.replace(model.cfg, attention=attention, matmul=matmul)
+    if cfg == model.cfg:
+        return model
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            return Transformer(cfg, rngs=nnx.Rngs(0))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(init))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def check_sampling_kernels(args: argparse.Namespace) -> None:
+    if args.attention != "xla":
+        raise UserError(f"--attention={args.attention}: the KV-cache sampler attends over a partly filled cache, "
+                        "which only --attention xla implements (the kernels are for training)")
+    if args.matmul == "pallas":
+        from pallas_kernels.platform import PallasPlatformError, check_pallas_platform
+
+        try:
+            check_pallas_platform("--matmul pallas")
+        except PallasPlatformError as e:
+            raise UserError(str(e)) from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     check_sampling_args(args)
+    check_sampling_kernels(args)
     cfg, model, tokenizer, step = load_checkpoint(args.run, args.step)
+    model = with_kernels(model, args.attention, args.matmul)
     try:
         ids = [int(i) for i in tokenizer.encode(args.prompt)]
     except ValueError as e:  # e.g. a character the char tokenizer does not know

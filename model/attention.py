@@ -2,6 +2,10 @@
 
 Every attention computation in jaxlm goes through `dot_product_attention(..., impl=cfg.attention)`;
 kernels (Pallas, cuDNN) plug in there, and `xla` (plain jnp, runs everywhere) is the default.
+`pallas` (pallas_kernels.flash_attention) and `cudnn` (jax.nn.dot_product_attention) compute
+full-sequence causal self-attention (training, evaluation, a forward pass without a cache); a
+KV-cache forward (sampling) is an error with them, and `check_kernel_platform` turns a choice the
+device cannot run into a clear error at start-up, never a silent fallback.
 
 Masking is by positions, not by a triangle: each query and each key carries its absolute position
 (keys in the cache that are empty, or left padding, carry -1), and a query attends to a key iff
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import dropout, param, rope
+from model.layers import dense, dropout, param, rope
 
 
 def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
@@ -45,14 +49,55 @@ def xla_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_key=None):
     return out.reshape(B, L, H, Dh)
 
 
-ATTENTION_IMPLS = {"xla": xla_attention}
+def pallas_attention(q, k, v, positions):
+    """Flash attention (pallas_kernels) for causal self-attention. Keys left-padded with position
+    -1 are excluded through segment ids (padding = segment 0, tokens = segment 1): for positions
+    that increase along the sequence this is exactly `causal_mask(positions, positions)`."""
+    from pallas_kernels.flash_attention import flash_attention
+
+    segment_ids = (positions >= 0).astype(jnp.int32)  # (B, L)
+    return flash_attention(q, k, v, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
 
-def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0, dropout_key=None):
-    """Dispatch to the configured attention implementation (see module docstring)."""
+def cudnn_attention(q, k, v, positions):
+    """cuDNN's fused attention through jax.nn.dot_product_attention (GPU only); causal over
+    positions 0..L-1 (the training layout). Grouped-query heads are native to it."""
+    del positions
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention}
+KERNEL_IMPLS = ("pallas", "cudnn")
+
+
+def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0, dropout_key=None,
+                          positions=None, cached: bool = False):
+    """Dispatch to the configured attention implementation (see module docstring). The kernel
+    implementations need `positions` (B, L) of this self-attention and no KV cache."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention={impl!r} is not available; choose one of {', '.join(ATTENTION_IMPLS)}")
+    if impl in KERNEL_IMPLS:
+        if cached or positions is None or q.shape[1] != k.shape[1]:
+            raise ValueError(f"model.attention={impl!r} computes full-sequence self-attention and cannot attend "
+                             "over a KV cache (sampling); sample with model.attention='xla' "
+                             "(python -m infer sample --attention xla, the default)")
+        if dropout_rate > 0 and dropout_key is not None:
+            raise ValueError(f"model.attention={impl!r} has no attention dropout; set model.dropout=0")
+        return ATTENTION_IMPLS[impl](q, k, v, positions)
     return ATTENTION_IMPLS[impl](q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+def check_kernel_platform(cfg: ModelConfig) -> None:
+    """Raise ValueError when the device cannot run cfg's attention or matmul implementation
+    (cuDNN needs an NVIDIA GPU; Pallas a GPU or TPU, or JAXLM_PALLAS_INTERPRET on a CPU)."""
+    from pallas_kernels import platform
+
+    if cfg.attention == "cudnn" and platform.device_platform() != "gpu":
+        raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, but the device is "
+                         f"{platform.device_platform()!r}; use model.attention='xla' (or 'pallas' on a GPU/TPU)")
+    for name, value in (("model.attention", cfg.attention), ("model.matmul", cfg.matmul)):
+        if value == "pallas":
+            platform.check_pallas_platform(f"{name}='pallas'")
 
 
 class Attention(nnx.Module):
@@ -77,19 +122,19 @@ class Attention(nnx.Module):
     def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: (B, L, D) -> k, v: (B, L, K, Dh), with RoPE applied to k."""
         c = jnp.dtype(self.cfg.compute_dtype)
-        k = jnp.einsum("bld,dkh->blkh", x, self.wk[...].astype(c))
-        v = jnp.einsum("bld,dkh->blkh", x, self.wv[...].astype(c))
+        k = dense(x, self.wk[...].astype(c), self.cfg.matmul)  # (B, L, K, Dh)
+        v = dense(x, self.wv[...].astype(c), self.cfg.matmul)
         if self.bk is not None:
             k, v = k + self.bk[...].astype(c), v + self.bv[...].astype(c)
         if self.cfg.positions == "rope":
             k = rope(k, positions, self.cfg.rope_theta)
         return k, v
 
-    def __call__(self, x, positions, k, v, kv_positions, *, dropout_key=None):
+    def __call__(self, x, positions, k, v, kv_positions, *, dropout_key=None, cached: bool = False):
         """x: (B, L, D); positions: (B, L); k, v: (B, S, K, Dh) keys/values to attend to (this
-        segment's own, or the cache after writing them); kv_positions: (B, S). Returns (B, L, D)."""
+        segment's own, or the cache after writing them: `cached`); kv_positions: (B, S). Returns (B, L, D)."""
         c = jnp.dtype(self.cfg.compute_dtype)
-        q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(c))  # (B, L, H, Dh)
+        q = dense(x, self.wq[...].astype(c), self.cfg.matmul)  # (B, L, H, Dh)
         if self.bq is not None:
             q = q + self.bq[...].astype(c)
         if self.cfg.positions == "rope":
@@ -98,9 +143,9 @@ class Attention(nnx.Module):
         attn_key = resid_key = None
         if dropout_key is not None:
             attn_key, resid_key = jax.random.split(dropout_key)
-        out = dot_product_attention(q, k, v, mask, impl=self.cfg.attention,
-                                    dropout_rate=self.cfg.dropout, dropout_key=attn_key)  # (B, L, H, Dh)
-        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(c))  # (B, L, D)
+        out = dot_product_attention(q, k, v, mask, impl=self.cfg.attention, dropout_rate=self.cfg.dropout,
+                                    dropout_key=attn_key, positions=positions, cached=cached)  # (B, L, H, Dh)
+        y = dense(out, self.wo[...].astype(c), self.cfg.matmul, contract=2)  # (B, L, D)
         if self.bo is not None:
             y = y + self.bo[...].astype(c)
         return dropout(y, self.cfg.dropout, resid_key)

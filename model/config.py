@@ -14,7 +14,8 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # see model/attention.py: dot_product_attention
+MATMUL_IMPLS = ("xla", "pallas")  # the dense layers' matmul, see model/layers.py: dense
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention: str = "xla"
+    matmul: str = "xla"  # attention projections and MLP: xla (jnp) or pallas (pallas_kernels.matmul)
     init_std: float = 0.02
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth) or unroll
 
@@ -68,6 +70,10 @@ class ModelConfig:
         _choice("model.param_dtype", self.param_dtype, DTYPES)
         _choice("model.compute_dtype", self.compute_dtype, DTYPES)
         _choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _choice("model.matmul", self.matmul, MATMUL_IMPLS)
+        if self.attention != "xla" and self.dropout > 0:
+            raise ValueError(f"model.attention={self.attention!r} has no attention dropout; set model.dropout=0 "
+                             "or use model.attention='xla'")
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")

@@ -27,6 +27,23 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
     return nnx.Param(x, out_sharding=axes)
 
 
+def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> jax.Array:
+    """Contract the last `contract` dims of x with the first of w: (..., *in) x (*in, *out) -> (..., *out).
+
+    `impl` is `ModelConfig.matmul`: 'xla' (jnp) or 'pallas' (the tiled kernel of
+    pallas_kernels.matmul, float32 accumulation, on w flattened to 2-D)."""
+    if impl == "xla":
+        return jnp.tensordot(x, w, axes=contract)
+    if impl == "pallas":
+        from pallas_kernels.matmul import matmul
+
+        lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+        k = math.prod(w.shape[:contract])
+        y = matmul(x.reshape(*lead, k), w.reshape(k, math.prod(out)))
+        return y.reshape(*lead, *out)
+    raise ValueError(f"model.matmul={impl!r} is not one of xla, pallas")
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0."""
     if key is None or rate == 0.0:
@@ -64,6 +81,7 @@ class MLP(nnx.Module):
         D, F = cfg.d_model, cfg.ff_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.kind, self.compute_dtype = cfg.mlp, jnp.dtype(cfg.compute_dtype)
+        self.matmul = cfg.matmul
         if cfg.mlp == "swiglu":
             self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg, std=std)
         self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg, std=std)
@@ -74,17 +92,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) -> (B, L, D)
         c = self.compute_dtype
-        h = x @ self.w_up[...].astype(c)  # (B, L, F)
+        h = dense(x, self.w_up[...].astype(c), self.matmul)  # (B, L, F)
         if self.b_up is not None:
             h = h + self.b_up[...].astype(c)
         if self.kind == "swiglu":
-            g = x @ self.w_gate[...].astype(c)
+            g = dense(x, self.w_gate[...].astype(c), self.matmul)
             if self.b_gate is not None:
                 g = g + self.b_gate[...].astype(c)
             h = jax.nn.silu(g) * h
         else:
             h = jax.nn.gelu(h, approximate=False)  # exact erf GELU, as GPT-2 / nanoGPT (torch default)
-        y = h @ self.w_down[...].astype(c)  # (B, L, D)
+        y = dense(h, self.w_down[...].astype(c), self.matmul)  # (B, L, D)
         if self.b_down is not None:
             y = y + self.b_down[...].astype(c)
         return y

@@ -77,7 +77,7 @@ class Block(nnx.Module):
             ck, cv = cache_kv
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
-        x = x + self.attn(h, positions, k, v, kv_positions, dropout_key=attn_key)
+        x = x + self.attn(h, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
         x = with_logical_constraint(x, ("batch", "seq", None))
         return x, (k, v)

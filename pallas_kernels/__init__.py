@@ -1,0 +1,9 @@
+"""Pallas kernels written in this project, each beside a plain-jnp reference.
+
+    from pallas_kernels.flash_attention import flash_attention   # (B, L, H, Dh) causal/GQA/segments
+    from pallas_kernels.matmul import matmul                     # tiled, float32 accumulation
+
+Both are differentiable (`custom_vjp`), run compiled on GPU (Triton lowering) and TPU (Mosaic),
+and in interpret mode on CPU (see `platform.py`). `python -m pallas_kernels.bench` times them
+against XLA and cuDNN; `python -m pallas_kernels.gpu_check` is the one-command GPU check.
+"""

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
+from model.attention import check_kernel_platform
 from model.transformer import build_model
 from sharding.mesh import make_mesh
 from sharding.rules import logical_to_spec, rules_for
@@ -64,6 +65,10 @@ class Trainer:
     and notebooks can drive the pieces."""
 
     def __init__(self, cfg: ExperimentConfig):
+        try:  # a kernel the device cannot run is a config error before any work starts
+            check_kernel_platform(cfg.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.run_dir = cfg.run.path
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0

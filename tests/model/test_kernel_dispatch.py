@@ -1,0 +1,103 @@
+"""The model's kernel switches: `attention=pallas` (and `matmul=pallas`) give the logits and
+gradients of `attention=xla`; choices the device or the call cannot run are clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from model import KVCache, build_model, preset
+from model.attention import check_kernel_platform
+from pallas_kernels import platform
+from train.step import cross_entropy
+
+# float32 on CPU; the kernels differ from XLA by summation order only.
+FLOAT32_ATOL = 2e-5
+
+TINY = {
+    # Grouped-query heads and RoPE; L=32 gives the default 128-blocks clipped to 32.
+    "llama-gqa": preset("llama-tiny", vocab_size=61, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=96,
+                        max_seq_len=32, scan_layers=True),
+    # Both switches: flash attention and the tiled matmul in every projection and the MLP.
+    "gpt2-pallas-matmul": preset("gpt2-nano", vocab_size=61, n_layers=2, d_model=64, n_heads=2, max_seq_len=32,
+                                 matmul="pallas", scan_layers=True),
+}
+
+
+def loss_and_grads(cfg, tokens, positions=None):
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens, positions)
+        total, count = cross_entropy(logits[:, :-1], tokens[:, 1:])
+        return total / count, logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grads
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_pallas_logits_and_gradients_equal_xla(name):
+    pallas_cfg = dataclasses.replace(TINY[name], attention="pallas")
+    xla_cfg = dataclasses.replace(pallas_cfg, attention="xla", matmul="xla")
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 61, dtype=jnp.int32)
+    logits, grads = loss_and_grads(pallas_cfg, tokens)
+    ref_logits, ref_grads = loss_and_grads(xla_cfg, tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=FLOAT32_ATOL, rtol=FLOAT32_ATOL)
+    flat, ref_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
+    assert len(flat) == len(ref_flat)
+    for (path, g), rg in zip(flat, ref_flat):
+        np.testing.assert_allclose(g, rg, atol=FLOAT32_ATOL, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_pallas_left_padding_matches_xla():
+    """Left padding (position -1) is masked out by the pallas path exactly as by the xla one."""
+    cfg = TINY["llama-gqa"]
+    tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 61, dtype=jnp.int32)
+    pad = jnp.array([0, 5])[:, None]
+    positions = jnp.where(jnp.arange(32)[None] < pad, -1, jnp.arange(32)[None] - pad).astype(jnp.int32)
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+    out = {}
+    for impl in ("xla", "pallas"):
+        model = nnx.merge(nnx.split(build_model(dataclasses.replace(cfg, attention=impl), seed=0))[0], params)
+        out[impl] = np.asarray(jax.jit(lambda t, p: model(t, p)[0])(tokens, positions))
+    real = np.asarray(positions >= 0)
+    np.testing.assert_allclose(out["pallas"][real], out["xla"][real], atol=FLOAT32_ATOL, rtol=FLOAT32_ATOL)
+
+
+def test_kernel_attention_with_kv_cache_is_a_clear_error():
+    cfg = dataclasses.replace(TINY["llama-gqa"], attention="pallas")
+    model = build_model(cfg, seed=0)
+    cache = KVCache.init(cfg, batch=1, length=16)
+    with pytest.raises(ValueError, match="cannot attend over a KV cache.*--attention xla"):
+        model(jnp.zeros((1, 4), jnp.int32), jnp.arange(4, dtype=jnp.int32)[None], cache=cache)
+
+
+def test_platform_check_names_the_setting(monkeypatch):
+    if platform.device_platform() != "cpu":
+        pytest.skip("checks what a CPU cannot run")
+    base = TINY["llama-gqa"]
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs an NVIDIA GPU, but the device is 'cpu'"):
+        check_kernel_platform(dataclasses.replace(base, attention="cudnn"))
+    monkeypatch.delenv(platform.ENV_VAR, raising=False)
+    for field in ("attention", "matmul"):
+        with pytest.raises(ValueError, match=f"model.{field}='pallas' needs a GPU or TPU.*JAXLM_PALLAS_INTERPRET"):
+            check_kernel_platform(dataclasses.replace(base, **{field: "pallas"}))
+    monkeypatch.setenv(platform.ENV_VAR, "gpu")  # the interpreter, asked for explicitly
+    check_kernel_platform(dataclasses.replace(base, attention="pallas", matmul="pallas"))
+    check_kernel_platform(base)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(attention="flash"), "model.attention='flash' is not one of xla, pallas, cudnn"),
+    (dict(matmul="cublas"), "model.matmul='cublas' is not one of xla, pallas"),
+    (dict(attention="pallas", dropout=0.1), "model.attention='pallas' has no attention dropout"),
+])
+def test_config_rejects_kernel_choices(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        preset("gpt2-nano", vocab_size=61, **overrides)
