@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from train.config import ConfigError, load_config
+    from train.guard import NonFiniteLossError
 
     try:
         path = Path(args.experiment)
@@ -43,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("preempted"):
+        print(f"preempted ({summary['signal']}): saved step {summary['step']} to {summary['checkpoint']}; "
+              f"{summary['signal_to_exit_s']:.2f} s from signal to exit", flush=True)
+        return 0
     print(f"done: step {summary['step']}  val_loss {summary['val_loss']:.4f}  "
           f"tokens/s {summary['tokens_per_s'] or 0:.0f}  run {cfg.run.path}")
     return 0
