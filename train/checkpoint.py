@@ -132,7 +132,8 @@ class Checkpointer:
             preflight_checkpoint_dir(self.directory, min_free_mb)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save, create=True,
-                                               temporary_path_class=IntegrityTemporaryPath)
+                                               temporary_path_class=IntegrityTemporaryPath,
+                                               cleanup_tmp_directories=True)  # debris of killed writes
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
