@@ -69,8 +69,8 @@ def run_chaos(experiment: str, overrides: list[str], workdir: Path, kills: int, 
               env: dict | None = None, compile_cache: bool = True, reference: Path | None = None,
               log=print) -> dict:
     """Reference run (or the finished run directory `reference`), then a run killed `kills` times;
-    returns both hashes and one record per kill. Startup kills land within the first half of the
-    reference run's wall time."""
+    returns both hashes and one record per kill. Startup kills land before the first step, timed
+    from the start-up duration the previous processes showed."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if env is None else env)
@@ -85,30 +85,31 @@ def run_chaos(experiment: str, overrides: list[str], workdir: Path, kills: int, 
         r = subprocess.run(_command(experiment, overrides, ref_dir), env=env, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"reference run failed:\n{r.stderr[-3000:]}")
-    reference_s = time.perf_counter() - t0 if reference is None else json.loads(
-        (ref_dir / "summary.json").read_text())["wall_time_s"] + 5.0
-    max_startup_delay_s = reference_s / 2
+    reference_s = time.perf_counter() - t0
     log(f"reference run: {reference_s:.1f} s, params_sha256 {_summary_sha(ref_dir)}")
 
     rng = random.Random(seed)
     run_dir = workdir / "chaos"
     ckpt_dir = run_dir / "checkpoints"
     records, t_chaos = [], time.perf_counter()
+    startup_s = None  # seconds from spawn to the first logged step, as last observed
     while len(records) < kills:
-        first = not run_dir.exists()
-        # The first process builds the token store: kill it only once training has started.
-        mode = rng.choice(MODES[1:] if first else MODES)
+        # Startup kills need a measured start-up time; the first process also builds the token store.
+        mode = rng.choice(MODES[1:] if startup_s is None else MODES)
         before_steps = len(_logged_steps(run_dir))
         before_tmp = _tmp_dirs(ckpt_dir)
         done_steps = max(_logged_steps(run_dir) or [0])
-        target = min(steps - 1, done_steps + rng.randint(1, 4))
-        delay = rng.uniform(0.0, max_startup_delay_s if mode == "startup" else 0.05)
+        target = min(steps - 2, done_steps + rng.randint(1, 4))
+        delay = rng.uniform(0.0, startup_s if mode == "startup" else 0.02)
         spawned = time.perf_counter()
         proc = subprocess.Popen(_command(experiment, overrides, run_dir), env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         fired_at = None
         while proc.poll() is None:
             now = time.perf_counter()
+            if mode != "startup" and len(_logged_steps(run_dir)) > before_steps and (
+                    startup_s is None or now - spawned < startup_s):
+                startup_s = now - spawned
             if mode == "startup" and now - spawned >= delay:
                 break
             if mode == "step":

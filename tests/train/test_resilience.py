@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,7 +22,7 @@ from flax import nnx
 from train.chaos import _command, compile_cache_env, run_chaos
 from train.checkpoint import Checkpointer, intact_step, load_for_inference, verify_checkpoint
 from train.config import ConfigError, load_config
-from train.guard import NonFiniteLossError
+from train.guard import SPIKE_WARMUP_STEPS, NonFiniteLossError, NumericalGuard
 from train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def test_chaos_sigkill_at_random_moments_ends_bit_identical(setup):
     checkpoint write), a restart after each, and the final parameters equal the uninterrupted run's."""
     tmp, experiment, overrides, env, ref = setup
     result = run_chaos(str(experiment), overrides, tmp / "chaos", kills=10, seed=0, env=env, compile_cache=False,
-                       reference=ref, log=lambda *_: None)
+                       reference=ref)  # prints one line per kill (shown on failure)
     assert len(result["kills"]) == 10, result
     assert result["during_write"] >= 1, result
     assert result["chaos_sha256"] == summary(ref)["params_sha256"], result
@@ -187,6 +188,15 @@ def test_nonfinite_steps_are_skipped_bitwise_and_k_in_a_row_stop_the_run(setup, 
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
         with pytest.raises(NonFiniteLossError, match=r"step 7: 3 non-finite steps in a row.*checkpoints/6"):
             trainer.run()
+        # Loss-spike skipping: a finite loss above the limit is skipped the same way.
+        with trainer.mesh_context():
+            before = jax.device_get((trainer.state.params, trainer.state.opt_state))
+            batch = trainer.to_global(next(trainer.train_iter))
+            trainer.state, metrics = trainer.train_step(trainer.state, batch, jnp.float32(0.0))
+            after = jax.device_get((trainer.state.params, trainer.state.opt_state))
+        assert (float(metrics["skipped"]), float(metrics["nonfinite"])) == (1.0, 0.0)
+        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+                   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     finally:
         trainer.close()
     records = [json.loads(line) for line in (cfg.run.path / "metrics.jsonl").read_text().splitlines()]
@@ -197,6 +207,23 @@ def test_nonfinite_steps_are_skipped_bitwise_and_k_in_a_row_stop_the_run(setup, 
     assert verify_checkpoint(ckpt / "6") is None
     _, model, _, step = load_for_inference(cfg.run.path)
     assert step == 6 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model))
+
+
+def test_spike_limit_follows_the_running_mean_and_survives_a_checkpoint():
+    guard = NumericalGuard(max_nonfinite=2, spike_factor=3.0)
+    ok = {"nonfinite": 0.0, "skipped": 0.0}
+    for i in range(SPIKE_WARMUP_STEPS):
+        assert guard.step_args()[0] == np.inf  # not judged before the warm-up
+        guard.observe(i + 1, {"loss": 2.0, **ok}, "ckpt")
+    assert float(guard.step_args()[0]) == pytest.approx(6.0)
+    guard.observe(11, {"loss": 50.0, "nonfinite": 0.0, "skipped": 1.0}, "ckpt")  # a spike: mean unchanged
+    restored = NumericalGuard(max_nonfinite=2, spike_factor=3.0)
+    restored.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    assert restored.step_args() == guard.step_args() and restored.spikes_total == 1
+    restored.observe(12, {"loss": float("nan"), "nonfinite": 1.0, "skipped": 1.0}, "ckpt")
+    with pytest.raises(NonFiniteLossError, match="2 non-finite steps in a row.*last good checkpoint is ckpt"):
+        restored.observe(13, {"loss": float("nan"), "nonfinite": 1.0, "skipped": 1.0}, "ckpt")
+    assert NumericalGuard(max_nonfinite=0, spike_factor=0.0).step_args() == ()
 
 
 def test_preflight_rejects_an_unusable_checkpoint_directory(setup, tmp_path):
