@@ -5,7 +5,9 @@
     python -m train runs/quickstart train.steps=2000                 # resume / extend a run directory
 
 Overrides are `section.key=value` (sections: model, data, optim, train, mesh, checkpoint, run).
-A run directory that holds checkpoints resumes from the latest one.
+A run directory that holds checkpoints resumes from the latest intact one. SIGTERM or Ctrl-C saves
+the current step and exits 0 (rerun the same command to continue); `python -m train.chaos` checks
+that killed-and-restarted runs end bit-identical to uninterrupted ones.
 """
 
 from __future__ import annotations
