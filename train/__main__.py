@@ -5,7 +5,9 @@
     python -m train runs/quickstart train.steps=2000                 # resume / extend a run directory
 
 Overrides are `section.key=value` (sections: model, data, optim, train, mesh, checkpoint, run).
-A run directory that holds checkpoints resumes from the latest one.
+A run directory that holds checkpoints resumes from the latest intact one. SIGTERM or Ctrl-C saves
+the current step and exits 0 (rerun the same command to continue); `python -m train.chaos` checks
+that killed-and-restarted runs end bit-identical to uninterrupted ones.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from train.config import ConfigError, load_config
+    from train.guard import NonFiniteLossError
 
     try:
         path = Path(args.experiment)
@@ -43,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("preempted"):
+        print(f"preempted ({summary['signal']}): saved step {summary['step']} to {summary['checkpoint']}; "
+              f"{summary['signal_to_exit_s']:.2f} s from signal to exit", flush=True)
+        return 0
     print(f"done: step {summary['step']}  val_loss {summary['val_loss']:.4f}  "
           f"tokens/s {summary['tokens_per_s'] or 0:.0f}  run {cfg.run.path}")
     return 0

@@ -106,6 +106,17 @@ class TrainConfig:
     sample_tokens: int = 256  # tokens sampled at the end of the run (0 = none)
     sample_prompt: str = ""  # "" = the start of the validation text
     progress: bool = True  # tqdm progress bars
+    max_nonfinite: int = 5  # this many non-finite (skipped) steps in a row stop the run (0 = never)
+    spike_factor: float = 0.0  # skip a step whose loss exceeds factor x the running mean (0 = off)
+    debug_nonfinite_steps: str = ""  # testing: comma-separated steps whose gradients are made NaN
+
+    def nonfinite_steps(self) -> tuple[int, ...]:
+        """`debug_nonfinite_steps` as a sorted tuple of step indices (0-based, like `state.step`)."""
+        try:
+            return tuple(sorted({int(s) for s in self.debug_nonfinite_steps.split(",") if s.strip()}))
+        except ValueError:
+            raise ConfigError(f"train.debug_nonfinite_steps={self.debug_nonfinite_steps!r} must be "
+                              "comma-separated step numbers, e.g. 3,4,10") from None
 
     def validate(self) -> "TrainConfig":
         if self.steps <= 0 or self.batch_size <= 0:
@@ -115,6 +126,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.log_every <= 0:
             raise ConfigError(f"train.log_every={self.log_every} must be positive")
+        if self.max_nonfinite < 0:
+            raise ConfigError(f"train.max_nonfinite={self.max_nonfinite} must be >= 0 (0 = never stop)")
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be 0 (off) or > 1")
+        if any(s < 0 for s in self.nonfinite_steps()):
+            raise ConfigError(f"train.debug_nonfinite_steps={self.debug_nonfinite_steps!r} must list steps >= 0")
         return self
 
 
@@ -147,10 +164,15 @@ class CheckpointConfig:
     every: int = 500  # steps between checkpoints (0 = only at the end)
     keep: int = 3  # the last K checkpoints are kept
     async_save: bool = True
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
+    min_free_mb: int = 100  # pre-flight: less free space than this in the checkpoint directory is an error
 
     def validate(self) -> "CheckpointConfig":
         if self.every < 0 or self.keep < 1:
             raise ConfigError(f"checkpoint.every={self.every} must be >= 0 and checkpoint.keep={self.keep} >= 1")
+        if self.keep_every < 0 or self.min_free_mb < 0:
+            raise ConfigError(f"checkpoint.keep_every={self.keep_every} and checkpoint.min_free_mb={self.min_free_mb} "
+                              "must be >= 0")
         return self
 
 

@@ -30,8 +30,10 @@ from sharding.rules import logical_to_spec, rules_for
 from train import data as data_lib
 from train.checkpoint import Checkpointer, read_checkpoint_meta
 from train.config import ConfigError, ExperimentConfig
+from train.guard import NumericalGuard
 from train.metrics import MetricsWriter, peak_flops
 from train.optim import learning_rate_schedule, make_optimizer
+from train.preemption import PreemptionWatch
 from train.run_files import params_sha256, write_json, write_manifest
 from train.step import init_train_state, make_eval_step, make_train_step
 
@@ -73,8 +75,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
-        self.resume_step = self.checkpointer.latest_step()
+                                         async_save=cfg.checkpoint.async_save, keep_every=cfg.checkpoint.keep_every,
+                                         min_free_mb=cfg.checkpoint.min_free_mb)
+        self.resume_step = self.checkpointer.latest_intact_step()  # torn/corrupt ones are moved aside
 
         self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress)
         cfg = resolve_vocab(cfg, self.data.tokenizer)
@@ -96,7 +99,10 @@ class Trainer:
             self.graphdef, self.state = init_train_state(model, self.tx, cfg.train.seed)
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.train_step = make_train_step(self.graphdef, self.tx, self.lr_schedule, cfg.optim.grad_accum,
-                                          dropout=cfg.model.dropout > 0)
+                                          dropout=cfg.model.dropout > 0,
+                                          nonfinite_steps=cfg.train.nonfinite_steps())
+        self.guard = NumericalGuard(cfg.train.max_nonfinite, cfg.train.spike_factor)
+        self.watch = PreemptionWatch()
         self.eval_step = make_eval_step(self.graphdef)
         # Each process reads only its rows of every global batch.
         self.process = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -105,6 +111,7 @@ class Trainer:
         if self.resume_step is not None:
             self.state, data_state = self.checkpointer.restore(self.resume_step, self.state)
             self.train_iter.set_state(data_state)
+            self.guard.load_state_dict(self.checkpointer.restore_guard(self.resume_step))
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
 
     def mesh_context(self):
@@ -132,7 +139,9 @@ class Trainer:
         return loss_sum / max(count, 1.0)
 
     def save(self, step: int, data_state: dict) -> None:
-        self.checkpointer.save(step, self.state, data_state, self.cfg.to_dict(), self.data.tokenizer.to_json())
+        self.checkpointer.save(step, self.state, data_state, self.cfg.to_dict(), self.data.tokenizer.to_json(),
+                               guard=self.guard.state_dict())
+        self.last_saved = step
 
     def run(self) -> dict:
         cfg, tc = self.cfg, self.cfg.train
@@ -145,6 +154,8 @@ class Trainer:
         t_start = time.perf_counter()
         pbar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (tc.progress and self.is_main),
                     dynamic_ncols=True)
+        self.last_saved = self.resume_step
+        self.watch.install()
 
         with self.mesh_context():
             if start < tc.steps:
@@ -152,12 +163,13 @@ class Trainer:
                 data_state = self.train_iter.get_state()  # the iterator's state after `batch` was drawn
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()
-                self.state, metrics = self.train_step(self.state, batch)
+                self.state, metrics = self.train_step(self.state, batch, *self.guard.step_args())
                 consumed_state = data_state
                 if step + 1 < tc.steps:  # draw the next batch while the device computes this step
                     batch = self.to_global(next(self.train_iter))
                     data_state = self.train_iter.get_state()
                 metrics = jax.device_get(metrics)
+                self.guard.observe(step + 1, metrics, self.checkpoint_name(self.last_saved))
                 dt = time.perf_counter() - t0
                 if compile_time is None:
                     compile_time = dt
@@ -179,6 +191,8 @@ class Trainer:
                         {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < tc.steps:
                     self.save(done, consumed_state)
+                if done < tc.steps and self.watch.should_stop(done):
+                    return self.stop_for_preemption(done, consumed_state, pbar)
         pbar.close()
         train_time = time.perf_counter() - t_start
 
@@ -202,6 +216,8 @@ class Trainer:
             "peak_flops_source": peak_source,
             "resumed_from_step": self.resume_step,
             "params_sha256": params_sha256(self.state.params),
+            "nonfinite_steps": self.guard.nonfinite_total,
+            "spike_steps": self.guard.spikes_total,
         }
         if self.is_main:
             self.metrics.write(tc.steps, {"val_loss": final_loss, "final": True})
@@ -209,6 +225,20 @@ class Trainer:
                 self.write_samples()
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def checkpoint_name(self, step: int | None) -> str:
+        return "none (no checkpoint yet)" if step is None else str(self.checkpointer.directory / str(step))
+
+    def stop_for_preemption(self, done: int, data_state: dict, pbar) -> dict:
+        """Save step `done` (unless just saved), wait until it is on disk, and report."""
+        pbar.close()
+        if self.last_saved != done:
+            self.save(done, data_state)
+        self.checkpointer.wait()
+        log.warning("%s received: saved checkpoint %s; resume with the same command",
+                    self.watch.signal_name, self.checkpoint_name(done))
+        return {"step": done, "preempted": True, "signal": self.watch.signal_name,
+                "checkpoint": self.checkpoint_name(done), "resumed_from_step": self.resume_step}
 
     def write_samples(self, n: int = 3) -> None:
         from infer.sampler import generate_text
@@ -222,6 +252,7 @@ class Trainer:
         (self.run_dir / "samples.txt").write_text(sep.join(prompt + t for t in texts) + "\n")
 
     def close(self) -> None:
+        self.watch.uninstall()
         self.checkpointer.close()
         self.metrics.close()
 
@@ -230,6 +261,9 @@ def train(cfg: ExperimentConfig) -> dict:
     """Train (or resume) the experiment `cfg` and return its summary (also in summary.json)."""
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        summary = trainer.run()
     finally:
         trainer.close()
+    if summary.get("preempted"):  # the checkpoint is written and closed: the process may exit now
+        summary["signal_to_exit_s"] = trainer.watch.seconds_since_signal()
+    return summary

@@ -64,9 +64,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = _summary_writer_class()(str(Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -81,6 +79,23 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX imports torch when it is installed (about 3 s per process start) only to
+    recognise torch tensors; we log plain floats, so hide torch from that import unless something
+    already loaded it."""
+    import sys
+
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _plain(v):

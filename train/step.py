@@ -58,16 +58,24 @@ def make_loss_fn(graphdef) -> Callable:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
-                    dropout: bool = False) -> Callable:
-    """Return a jitted `train_step(state, batch) -> (state, metrics)` (state donated).
+                    dropout: bool = False, nonfinite_steps: tuple[int, ...] = ()) -> Callable:
+    """Return a jitted `train_step(state, batch[, loss_limit]) -> (state, metrics)` (state donated).
 
     With `grad_accum > 1` the batch is split into that many micro-batches along B whose gradients
     are averaged in a `lax.scan`, so activation memory is that of one micro-batch.
+
+    Numerical guard: when the loss or any gradient is not finite, or the loss exceeds `loss_limit`
+    (loss-spike skipping), the update is skipped: parameters and optimizer state are selected
+    unchanged, bit for bit (multiplying the update by zero would keep NaN: NaN * 0 = NaN). The
+    step counter still advances, so the data order stays that of an unguarded run.
+    `metrics["nonfinite"]` and `metrics["skipped"]` are 1.0 on such steps. `nonfinite_steps`
+    (testing only) makes the gradients NaN at those values of `state.step`.
     """
     loss_fn = make_loss_fn(graphdef)
     grad_fn = jax.value_and_grad(loss_fn)
+    poison_steps = jnp.asarray(nonfinite_steps, jnp.int32) if nonfinite_steps else None
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, loss_limit: jax.Array | None = None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
         if grad_accum == 1:
             loss, grads = grad_fn(state.params, batch, key)
@@ -83,9 +91,19 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
             loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+        if poison_steps is not None:
+            poison = jnp.isin(state.step, poison_steps)
+            loss, grads = jax.tree.map(lambda x: jnp.where(poison, jnp.nan, x), (loss, grads))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf gradient makes the norm NaN/inf
+        apply = finite if loss_limit is None else finite & (loss <= loss_limit)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+        # Select, never scale: the skipped branch returns the old arrays exactly.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
+                   "nonfinite": 1.0 - finite.astype(jnp.float32), "skipped": 1.0 - apply.astype(jnp.float32)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return jax.jit(train_step, donate_argnums=0)

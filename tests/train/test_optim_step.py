@@ -84,7 +84,8 @@ def test_train_step_donates_the_state_and_counts_steps():
     step = make_train_step(graphdef, tx, learning_rate_schedule(ocfg, 10))
     old_embed = state.params["embed"]
     new, metrics = step(state, batch_for(cfg))
-    assert int(new.step) == 1 and set(metrics) == {"loss", "grad_norm", "lr"}
+    assert int(new.step) == 1 and set(metrics) == {"loss", "grad_norm", "lr", "nonfinite", "skipped"}
+    assert float(metrics["nonfinite"]) == 0.0 and float(metrics["skipped"]) == 0.0  # the guard let it through
     assert old_embed.is_deleted()  # the buffer was donated to the update
 
 
