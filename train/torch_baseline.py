@@ -142,7 +142,7 @@ def train_step(model: TorchGPT, opt, inputs, targets, clip_norm: float = 1.0) ->
     if clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     opt.step()
-    return loss
+    return loss.detach()
 
 
 @torch.no_grad()
