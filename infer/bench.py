@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-from train.bench import RECIPES, load_case, machine_line
+from train.bench import RECIPES, load_case, machine_line, usable_cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from train import torch_baseline
-        threads = os.cpu_count() or 1
+        threads = usable_cpus()
         torch.set_num_threads(threads)
         torch_note = f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     except ImportError:

@@ -9,7 +9,9 @@ gradient clipping, AdamW) over `--steps` steps after warm-up, tokens/s, the forw
 backward pass separately (backward = forward+backward - forward), MFU against a float32 matmul
 peak measured in the same run, and the compile time of jaxlm's step; the same figures for a plain
 PyTorch version of the model (train/torch_baseline.py: nanoGPT's code, eager, same thread count)
-and the ratio PyTorch time / jaxlm time (> 1: jaxlm is faster).
+and the ratio PyTorch time / jaxlm time (> 1: jaxlm is faster). "step CPU ms" is the process's CPU
+time per step over all its threads: on a machine shared with other work it shows how much of the
+wall time was waiting for a core.
 
 Both run in one process and their timing blocks are interleaved (`--block` steps of one, then of
 the other), so load from other processes on a shared machine hits both alike; medians are of
@@ -149,16 +151,18 @@ class TorchRunner:
         self._loss().backward()
 
 
-def interleaved(runners: dict[str, Callable[[], None]], n: int, block: int) -> dict[str, list[float]]:
-    """Per-call times of each runner, `n` calls each, alternating blocks of `block` calls."""
-    times = {k: [] for k in runners}
+def interleaved(runners: dict[str, Callable[[], None]], n: int, block: int):
+    """Per-call wall times of each runner, `n` calls each, alternating blocks of `block` calls;
+    and per-call process CPU time (all threads), which load from other processes inflates less."""
+    times, cpu = {k: [] for k in runners}, {k: [] for k in runners}
     while min(len(t) for t in times.values()) < n:
         for k, fn in runners.items():
             for _ in range(min(block, n - len(times[k]))):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[k].append(time.perf_counter() - t0)
-    return times
+                cpu[k].append(time.process_time() - c0)
+    return times, cpu
 
 
 def torch_matmul_flops(n: int = 512, min_time_s: float = 0.3) -> float:
@@ -173,6 +177,11 @@ def torch_matmul_flops(n: int = 512, min_time_s: float = 0.3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects taskset / cgroup affinity, as XLA does)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -183,7 +192,7 @@ def machine_line() -> str:
     except OSError:
         pass
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return f"{cpu}, {os.cpu_count()} CPUs, load average (1/5/15 min) {load}"
+    return f"{cpu}, {usable_cpus()} of {os.cpu_count()} CPUs usable, load average (1/5/15 min) {load}"
 
 
 def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) -> dict:
@@ -195,9 +204,10 @@ def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) ->
     # Whole steps first (the headline), then forward and forward+backward, each interleaved.
     for what, n in (("step", steps), ("fwd", max(steps // 2, 5)), ("fwd_bwd", max(steps // 2, 5))):
         attr = {"step": "step", "fwd": "forward", "fwd_bwd": "forward_backward"}[what]
-        times = interleaved({k: getattr(r, attr) for k, r in runners.items()}, n, block)
+        times, cpu = interleaved({k: getattr(r, attr) for k, r in runners.items()}, n, block)
         for k, t in times.items():
             out[k][what] = statistics.median(t)
+            out[k][what + "_cpu"] = statistics.median(cpu[k])
     for v in out.values():
         v["bwd"] = v["fwd_bwd"] - v["fwd"]
     return out
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torch:
         try:
             import torch
-            threads = os.cpu_count() or 1  # XLA's CPU client uses one thread per core
+            threads = usable_cpus()  # XLA's CPU client uses one thread per usable core
             torch_note = f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
         except ImportError:
             torch_note = "PyTorch baseline skipped: torch is not installed (pip install 'jaxlm[bench]')"
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
           f"interleaved in blocks of {args.block}\n")
 
     header = ("| model | batch x seq | framework | step ms | tokens/s | fwd ms | bwd ms | bwd/fwd | MFU | compile s "
-              "| PyTorch/jaxlm step |")
+              "| step CPU ms | PyTorch/jaxlm step |")
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     results = {}
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             compile_s = f"{r['compile']:.1f}" if fw == "jaxlm" else "eager"
             print(f"| {case.name} | {case.batch} x {case.seq} | {fw} | {r['step'] * 1e3:.1f} | "
                   f"{case.tokens / r['step']:,.0f} | {r['fwd'] * 1e3:.1f} | {r['bwd'] * 1e3:.1f} | "
-                  f"{r['bwd'] / r['fwd']:.1f} | {flops / r['step'] / peak:.1%} | {compile_s} | {ratio} |", flush=True)
+                  f"{r['bwd'] / r['fwd']:.1f} | {flops / r['step'] / peak:.1%} | {compile_s} | {r['step_cpu'] * 1e3:.0f} | {ratio} |", flush=True)
     print(f"\nload average after: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
