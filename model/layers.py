@@ -52,6 +52,14 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """x * Phi(x) with the erf form, 0.5 x (1 + erf(x / sqrt 2)), as PyTorch computes it.
+
+    Same function as jax.nn.gelu(approximate=False), which uses erfc; XLA:CPU expands erfc into
+    two exponential/select branches, forward and backward, and erf into one polynomial."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 class Norm(nnx.Module):
     """LayerNorm (GPT-2: scale and optional bias) or RMSNorm (Llama: scale only), statistics in float32."""
 
@@ -101,7 +109,7 @@ class MLP(nnx.Module):
                 g = g + self.b_gate[...].astype(c)
             h = jax.nn.silu(g) * h
         else:
-            h = jax.nn.gelu(h, approximate=False)  # exact erf GELU, as GPT-2 / nanoGPT (torch default)
+            h = gelu_exact(h)  # exact erf GELU, as GPT-2 / nanoGPT (torch default)
         y = dense(h, self.w_down[...].astype(c), self.matmul)  # (B, L, D)
         if self.b_down is not None:
             y = y + self.b_down[...].astype(c)

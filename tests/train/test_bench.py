@@ -1,0 +1,79 @@
+"""The benchmarks' PyTorch baseline is the same model as jaxlm's (same weights -> same logits, same
+loss, same greedy tokens), and the benchmark harness times both frameworks."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from infer.sampler import Sampler  # noqa: E402
+from model.config import preset  # noqa: E402
+from model.transformer import build_model  # noqa: E402
+from train import bench, torch_baseline  # noqa: E402
+from train.config import OptimConfig  # noqa: E402
+from train.step import cross_entropy  # noqa: E402
+
+CFG = preset("gpt2-nano", vocab_size=37, d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def models():
+    model = build_model(CFG, seed=0)
+    tmodel = torch_baseline.load_jaxlm_params(torch_baseline.TorchGPT(CFG), nnx.to_pure_dict(nnx.state(model)))
+    return model, tmodel
+
+
+def test_torch_baseline_with_jaxlm_weights_gives_the_same_logits_and_loss(models):
+    model, tmodel = models
+    rng = np.random.default_rng(0)
+    tokens, targets = rng.integers(0, CFG.vocab_size, (3, 32)), rng.integers(0, CFG.vocab_size, (3, 32))
+    logits, _ = model(jnp.asarray(tokens, jnp.int32))
+    with torch.no_grad():
+        tlogits = tmodel(torch.from_numpy(tokens))
+    np.testing.assert_allclose(tlogits.numpy(), np.asarray(logits), atol=1e-5)  # float32, 2 layers
+    total, count = cross_entropy(logits, jnp.asarray(targets, jnp.int32))
+    tloss = torch.nn.functional.cross_entropy(tlogits.view(-1, CFG.vocab_size), torch.from_numpy(targets).view(-1))
+    assert float(total / count) == pytest.approx(float(tloss), abs=1e-5)
+
+
+def test_torch_kv_cache_decode_gives_jaxlm_sampler_tokens(models):
+    model, tmodel = models
+    prompts = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 5))
+    expected = Sampler(model).generate(list(prompts), max_new_tokens=12, temperature=0.0)
+    got = torch_baseline.generate_greedy(tmodel, torch.from_numpy(prompts), 12).tolist()
+    assert got == expected
+
+
+def test_bench_case_times_both_frameworks():
+    case = bench.Case("tiny", CFG, OptimConfig(warmup_steps=2), batch=2, seq=16)
+    res = bench.bench_case(case, steps=2, block=1, torch_threads=1)
+    assert set(res) == {"jaxlm", "PyTorch"}
+    for r in res.values():
+        assert r["step"] > 0 and r["fwd"] > 0 and r["fwd_bwd"] > 0
+    assert res["jaxlm"]["compile"] > 0
+
+
+def test_torch_train_step_lowers_the_loss():
+    tmodel = torch_baseline.TorchGPT(dataclasses.replace(CFG))
+    opt = torch_baseline.make_optimizer(tmodel, lr=1e-2)
+    tokens = torch.from_numpy(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 16)))
+    first = float(torch_baseline.train_step(tmodel, opt, tokens, tokens))
+    for _ in range(5):
+        last = float(torch_baseline.train_step(tmodel, opt, tokens, tokens))
+    assert last < first
+
+
+@pytest.mark.parametrize("module, args", [("train.bench", ["--models", "huge"]), ("train.bench", ["--steps", "0"]),
+                                          ("infer.bench", ["--models", "nope"]), ("infer.bench", ["--batch", "0"])])
+def test_bench_clis_reject_bad_arguments_with_exit_code_2(module, args, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(args)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
