@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 / Llama directory into a run directory",
+                       description="Read config.json, *.safetensors and tokenizer.json of a GPT2LMHeadModel or "
+                                   "LlamaForCausalLM directory and write a run directory `sample` accepts.")
+    p.add_argument("hf_dir", help="Hugging Face model directory")
+    p.add_argument("run_dir", help="new run directory to write")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a run's checkpoint as a Hugging Face directory",
+                       description="Write config.json, model.safetensors (and tokenizer.json for BPE) that "
+                                   "transformers loads as GPT2LMHeadModel or LlamaForCausalLM.")
+    p.add_argument("run_dir", help="run directory (or its checkpoints/ directory)")
+    p.add_argument("hf_dir", help="output directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=cmd_export_hf)
     return parser
 
 
@@ -118,4 +133,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
         new = new[:-1]  # the EOS that stopped the row is not text
     sys.stdout.write(args.prompt + tokenizer.decode(new) + "\n")
     sys.stdout.flush()
+    return 0
+
+
+def _hf_module():
+    try:
+        from infer import hf
+        import safetensors  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"{e.name} is not installed; install the hf extra: pip install -e \".[hf]\"") from None
+    return hf
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    hf = _hf_module()
+    if not Path(args.hf_dir).is_dir():
+        raise UserError(f"{args.hf_dir}: no such directory")
+    try:
+        out = hf.import_hf(args.hf_dir, args.run_dir)
+    except (hf.HFError, KeyError) as e:
+        raise UserError(f"{args.hf_dir}: {e}" if isinstance(e, KeyError) else str(e)) from None
+    print(f"wrote {out} (sample with: python -m infer sample --run {out} --prompt TEXT)")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    hf = _hf_module()
+    load_checkpoint(args.run_dir, args.step)  # user errors (missing run, bad step) as one line
+    try:
+        out = hf.export_hf(args.run_dir, args.hf_dir, args.step)
+    except hf.HFError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -41,6 +41,7 @@ class ModelConfig:
     attention: str = "xla"
     init_std: float = 0.02
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth) or unroll
+    gelu_approximate: bool = False  # tanh GELU (Hugging Face GPT-2's "gelu_new") instead of the exact erf one
 
     # ---- derived -------------------------------------------------------------------------
     @property
