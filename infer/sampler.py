@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from infer.quantize import dequantize_params, prepare
 from model.transformer import KVCache
 
 MIN_BUCKET = 8  # shortest padded prompt length: tiny prompts share one compile
@@ -163,7 +164,7 @@ def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top
     again into a fresh cache (positions 0..) and decoding continues from there.
     Returns the generated tokens (B, N) int32 and their counts per row (B,) int32.
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, dequantize_params(params))  # int8 weights become float here, once per call
     B, Lp = tokens.shape
     N = max_new_tokens
     M, T = stop_seqs.shape[1:]
@@ -315,11 +316,15 @@ class Sampler:
 
     The compiled program is shared by every Sampler of the same architecture (jax.jit caches on the
     graphdef), so building a Sampler is cheap; keeping one avoids re-splitting the model per call.
+
+    quantize: None/"none" keeps the float parameters; "int8" stores every weight matrix as int8 with
+    per-output-channel scales (infer/quantize.py), dequantized inside the compiled program.
     """
 
-    def __init__(self, model: nnx.Module):
+    def __init__(self, model: nnx.Module, quantize: str | None = None):
         self.cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.params = prepare(nnx.to_pure_dict(state), quantize)
 
     def generate(self, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int | Sequence[int],
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -420,15 +425,16 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
 
 
 def generate_long(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens,
-                  **kwargs) -> list[list[int]]:
+                  quantize: str | None = None, **kwargs) -> list[list[int]]:
     """`generate`, but without the context limit: when a prompt plus the new tokens exceed
     max_seq_len, the window slides inside the compiled loop: prompts are cut to their last
     max_seq_len // 2 tokens, and whenever the next token to feed would take the last position,
     every row's last max_seq_len // 2 tokens are prefilled again and decoding continues from the
     cache (nanoGPT crops its context too, but recomputes it for every token). Rows slide together.
-    Within the limit it is exactly `generate`. Keyword arguments are `generate`'s.
+    Within the limit it is exactly `generate`. quantize: see `Sampler`; other keyword arguments are
+    `generate`'s.
     """
-    return Sampler(model).generate(prompts, max_new_tokens=max_new_tokens, slide=True, **kwargs)
+    return Sampler(model, quantize).generate(prompts, max_new_tokens=max_new_tokens, slide=True, **kwargs)
 
 
 def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
