@@ -277,15 +277,19 @@ def pad_prompts(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray,
     return tokens, positions
 
 
+def _depth(x) -> int:
+    """Nesting depth of lists (an empty list counts as one level; strings and ints are leaves)."""
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return 1 + max((_depth(e) for e in x), default=0)
+    return 0
+
+
 def _per_row(value, B: int, name: str, nested: int) -> list:
-    """`value` given once for all rows, or as one entry per row (a list of length B)."""
+    """`value` given once for all rows (depth `nested`), or one entry per row (depth nested + 1)."""
     if value is None:
         return [[] if nested else None] * B
-    depth = 0
-    probe = value
-    while isinstance(probe, (list, tuple, np.ndarray)) and len(probe):
-        probe, depth = probe[0], depth + 1
-    if depth == nested + 1:
+    rows_all_empty = len(value) == B and all(_depth(v) == 1 and len(v) == 0 for v in value)
+    if _depth(value) == nested + 1 or (nested > 1 and rows_all_empty):  # an empty stop sequence is no option
         if len(value) != B:
             raise ValueError(f"{name} has {len(value)} entries; give one for all rows or one per row ({B})")
         return list(value)
