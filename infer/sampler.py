@@ -30,7 +30,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from infer.quantize import dequantize_params, prepare
-from model.transformer import KVCache
+from model.transformer import KVCache, split_layers
 
 MIN_BUCKET = 8  # shortest padded prompt length: tiny prompts share one compile
 
@@ -218,30 +218,33 @@ def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top
         seen=seen,
     )
 
+    layers = split_layers(model)  # weights cut per layer once, outside the loop
+
     def decode_one(s: DecodeState):
-        logits, cache = model(s.token[:, None], s.positions[:, None], cache=s.cache)  # (B, 1, V)
+        logits, cache = model(s.token[:, None], s.positions[:, None], cache=s.cache, layer_params=layers)  # (B, 1, V)
         return logits[:, 0], cache, s.positions + 1
 
-    def slide(s: DecodeState):
-        """Prefill every row's last `keep` tokens (those before position -1 padding excluded) into a
-        fresh cache; the last one is s.token, so the logits predict the next token."""
+    def slide(s: DecodeState) -> DecodeState:
+        """Prefill every row's `keep - 1` tokens before s.token (left padding excluded) into a fresh
+        cache at positions 0..; s.token is then decoded next, at the position after them (the same
+        as prefilling the last `keep` tokens, without a second kind of step in the decode loop)."""
         keep = window // 2
         start = P + Lp + s.step - keep  # history column of the window's first token
-        ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep, axis=1)  # (B, keep)
+        ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep - 1, axis=1)  # (B, keep - 1)
         valid = ctx >= 0
-        wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep)
+        wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
         cache = KVCache.init(model.cfg, batch=B, length=cache_len)
-        logits, cache = model(jnp.where(valid, ctx, 0), wpos, cache=cache)  # (B, keep, V)
-        return logits[:, -1], cache, jnp.sum(valid, axis=1).astype(jnp.int32)
+        _, cache = model(jnp.where(valid, ctx, 0), wpos, cache=cache)
+        return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))
 
-    def cond(s: DecodeState):
+    def running(s: DecodeState):
         return (s.step < N) & ~jnp.all(s.done)
 
+    def in_window(s: DecodeState):  # the decode loop runs until the token to feed needs a slide
+        return running(s) & (jnp.max(s.positions) < window - 1)
+
     def body(s: DecodeState) -> DecodeState:
-        if window:
-            logits, cache, nxt = jax.lax.cond(jnp.max(s.positions) >= window - 1, slide, decode_one, s)
-        else:
-            logits, cache, nxt = decode_one(s)
+        logits, cache, nxt = decode_one(s)
         token = choose(logits, s.step, s.seen)  # (B,)
         token = jnp.where(s.done, 0, token)
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
@@ -252,7 +255,17 @@ def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top
         done = s.done | stops(history, s.step) | (lengths >= max_new)
         return DecodeState(tokens, token, nxt, lengths, done, s.step + 1, cache, history, seen)
 
-    state = jax.lax.while_loop(cond, body, state)
+    if not window:
+        state = jax.lax.while_loop(running, body, state)
+        return state.tokens, state.lengths
+
+    # past the context: an outer loop of chunks, each a slide (when needed) then an inner decode
+    # loop with no branch in it, so a decode step stays one lean program.
+    def chunk(s: DecodeState) -> DecodeState:
+        s = jax.lax.cond(jnp.max(s.positions) >= window - 1, slide, lambda s: s, s)
+        return jax.lax.while_loop(in_window, body, s)
+
+    state = jax.lax.while_loop(running, chunk, state)
     return state.tokens, state.lengths
 
 
