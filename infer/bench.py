@@ -148,12 +148,15 @@ def main(argv=None) -> int:
         arr = np.asarray(prompts, np.int32)
         kv = lambda: sampler.generate(prompts, max_new_tokens=N, temperature=0, slide=True)  # noqa: E731
         rc = lambda: recompute_generate(model, arr, N)  # noqa: E731
-        same = kv()[0] == rc()[0].tolist()
+        # Until the first slide both condition on the whole sequence; after it the KV loop sees a
+        # window of S/2..S-1 tokens and the baseline the last S tokens, so tokens may differ by design.
+        fit = S - len(prompt)
+        same = kv()[0][:fit] == rc()[0].tolist()[:fit]
         t = interleaved({"kv": kv, "recompute": rc}, R)
         rows.append([B, N, f"{B * N / t['kv']:,.0f}", f"{B * N / t['recompute']:,.0f}",
                      f"{t['recompute'] / t['kv']:.1f}x", "yes" if same else "no"])
     table("## KV-cache loop vs recompute baseline (greedy tokens/s)",
-          ["batch", "new tokens", "KV-cache loop", "recompute (nanoGPT)", "speed-up", "same tokens"], rows)
+          ["batch", "new tokens", "KV-cache loop", "recompute (nanoGPT)", "speed-up", "same tokens within the context"], rows)
 
     # 2. int8 vs float.
     q_sampler = Sampler(model, quantize="int8")
