@@ -11,8 +11,13 @@ in column Lp-1, so one slice of the prefill logits starts all rows.
 
 The model is split once into (graphdef, params) and merged inside the jitted function (as
 train/step.py does). Prefill and the whole decode `lax.while_loop` are one jitted function,
-cached by jax.jit on the static arguments (graphdef, B, Lp, max_new_tokens, greedy, filtered);
-temperature, top-k, top-p, seed and eos_id are traced values, so changing them never recompiles.
+cached by jax.jit on the static arguments (graphdef, B, Lp, max_new_tokens, the stop-array shape,
+and which features are on: greedy, top-k/top-p sort, min-p, repetition penalty, streaming,
+sliding window); temperature, top-k, top-p, min-p, the penalty, seed, stop ids and per-row
+limits are traced values, so changing them never recompiles. The decode step is kept lean for
+batch 1: weights are cut per layer once before the loop, there are no host calls unless a
+streaming callback is given, no sort unless top-k/top-p is set, and past the context the window
+slides in an outer loop so the inner decode loop has no branch.
 
 Shape letters: B batch, Lp bucketed prompt length, N max_new_tokens, S cache slots (Lp + N), V vocab.
 """
