@@ -53,7 +53,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul", choices=("xla", "pallas"), default="xla",
                    help="dense-layer matmul for sampling, whatever the checkpoint was trained with (default xla; "
                         "pallas needs a GPU/TPU)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens already present (1 = off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: weight-only int8 with per-channel scales (default none)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="serialize prefill and decode (weights included) with jax.export",
+                       description="Write one file that infer/load_exported.py runs with only jax and numpy.")
+    p.add_argument("--run", required=True, help="run directory (or its checkpoints/ directory)")
+    p.add_argument("--out", required=True, help="artifact file to write")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--batch", type=int, default=1, help="rows per call the artifact is compiled for (default 1)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 / Llama directory into a run directory",
+                       description="Read config.json, *.safetensors and tokenizer.json of a GPT2LMHeadModel or "
+                                   "LlamaForCausalLM directory and write a run directory `sample` accepts.")
+    p.add_argument("hf_dir", help="Hugging Face model directory")
+    p.add_argument("run_dir", help="new run directory to write")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a run's checkpoint as a Hugging Face directory",
+                       description="Write config.json, model.safetensors (and tokenizer.json for BPE) that "
+                                   "transformers loads as GPT2LMHeadModel or LlamaForCausalLM.")
+    p.add_argument("run_dir", help="run directory (or its checkpoints/ directory)")
+    p.add_argument("hf_dir", help="output directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(func=cmd_export_hf)
     return parser
 
 
@@ -83,6 +113,12 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UserError(f"--seed={args.seed} must be in [0, 2**32)")
     if args.step is not None and args.step < 0:
         raise UserError(f"--step={args.step} must be >= 0")
+    if not 0.0 <= args.min_p < 1.0:
+        raise UserError(f"--min-p={args.min_p} must be in [0, 1) (0 = off)")
+    if not math.isfinite(args.repetition_penalty) or args.repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty={args.repetition_penalty} must be > 0 (1 = off)")
+    if any(not s for s in args.stop):
+        raise UserError("--stop strings must not be empty")
 
 
 def load_checkpoint(run: str, step: int | None):
@@ -151,13 +187,77 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     max_new = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
 
-    from infer.sampler import generate_long
+    from infer.sampler import generate_text
 
+    on_token = None
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        eos = tokenizer.eos_id
+
+        def on_token(step, tokens, emitted):  # one row: print each token as it arrives
+            if emitted[0] and tokens[0] != eos:
+                sys.stdout.write(tokenizer.decode([int(tokens[0])]))
+                sys.stdout.flush()
+    for x in args.stop:  # generate_text encodes them; a character the tokenizer lacks is a user error
+        try:
+            tokenizer.encode(x)
+        except ValueError as e:
+            raise UserError(f"--stop {x!r}: {e}") from None
     # Past the model's context the window slides (generate_long), so any length can be asked for.
-    new = generate_long(model, [ids], max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id)[0]
-    if new and tokenizer.eos_id is not None and new[-1] == tokenizer.eos_id:
-        new = new[:-1]  # the EOS that stopped the row is not text
-    sys.stdout.write(args.prompt + tokenizer.decode(new) + "\n")
+    text = generate_text(model, tokenizer, [args.prompt], max_new_tokens=max_new, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                         min_p=args.min_p, repetition_penalty=args.repetition_penalty, on_token=on_token,
+                         quantize=args.quantize)[0]
+    if args.stream:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return 0
+    sys.stdout.write(args.prompt + text + "\n")
     sys.stdout.flush()
+    return 0
+
+
+def _hf_module():
+    try:
+        from infer import hf
+        import safetensors  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"{e.name} is not installed; install the hf extra: pip install -e \".[hf]\"") from None
+    return hf
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    hf = _hf_module()
+    if not Path(args.hf_dir).is_dir():
+        raise UserError(f"{args.hf_dir}: no such directory")
+    try:
+        out = hf.import_hf(args.hf_dir, args.run_dir)
+    except (hf.HFError, KeyError) as e:
+        raise UserError(f"{args.hf_dir}: {e}" if isinstance(e, KeyError) else str(e)) from None
+    print(f"wrote {out} (sample with: python -m infer sample --run {out} --prompt TEXT)")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    hf = _hf_module()
+    load_checkpoint(args.run_dir, args.step)  # user errors (missing run, bad step) as one line
+    try:
+        out = hf.export_hf(args.run_dir, args.hf_dir, args.step)
+    except hf.HFError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise UserError(f"--batch={args.batch} must be a positive integer")
+    if args.step is not None and args.step < 0:
+        raise UserError(f"--step={args.step} must be >= 0")
+    load_checkpoint(args.run, args.step)  # user errors (missing run, bad step) as one line
+    from infer.export import export_run
+
+    out = export_run(args.run, args.out, step=args.step, batch=args.batch,
+                     quantize=None if args.quantize == "none" else args.quantize)
+    print(f"wrote {out} (run it with: python -m infer.load_exported {out} --ids ...)")
     return 0

@@ -11,8 +11,13 @@ in column Lp-1, so one slice of the prefill logits starts all rows.
 
 The model is split once into (graphdef, params) and merged inside the jitted function (as
 train/step.py does). Prefill and the whole decode `lax.while_loop` are one jitted function,
-cached by jax.jit on the static arguments (graphdef, B, Lp, max_new_tokens, greedy, filtered);
-temperature, top-k, top-p, seed and eos_id are traced values, so changing them never recompiles.
+cached by jax.jit on the static arguments (graphdef, B, Lp, max_new_tokens, the stop-array shape,
+and which features are on: greedy, top-k/top-p sort, min-p, repetition penalty, streaming,
+sliding window); temperature, top-k, top-p, min-p, the penalty, seed, stop ids and per-row
+limits are traced values, so changing them never recompiles. The decode step is kept lean for
+batch 1: weights are cut per layer once before the loop, there are no host calls unless a
+streaming callback is given, no sort unless top-k/top-p is set, and past the context the window
+slides in an outer loop so the inner decode loop has no branch.
 
 Shape letters: B batch, Lp bucketed prompt length, N max_new_tokens, S cache slots (Lp + N), V vocab.
 """
@@ -27,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
-from model.transformer import KVCache
+from infer.quantize import dequantize_params, prepare
+from model.transformer import KVCache, split_layers
 
 MIN_BUCKET = 8  # shortest padded prompt length: tiny prompts share one compile
 
@@ -40,7 +47,10 @@ class DecodeState:
 
     tokens: (B, N) int32 generated tokens (0 after a row is done); token: (B,) the last sampled
     token, fed to the next step; positions: (B,) the position that token will take; lengths: (B,)
-    tokens emitted per row; done: (B,) bool; step: () tokens sampled so far; cache: the KV cache.
+    tokens emitted per row; done: (B,) bool; step: () tokens sampled so far; cache: the KV cache;
+    history: (B, P + Lp + N) every row's prompt and generated tokens (P = longest stop sequence - 1
+    columns of padding in front, so the last T tokens are always one dynamic slice); seen: (B, V)
+    bool, tokens present in each row (for the repetition penalty; (B, 1) when it is off).
     """
 
     tokens: jax.Array
@@ -50,17 +60,24 @@ class DecodeState:
     done: jax.Array
     step: jax.Array
     cache: KVCache
+    history: jax.Array
+    seen: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. temperature 0 is greedy (argmax); otherwise the token is drawn
-    from softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all) and then
-    to the smallest set whose probability reaches top_p (nucleus; 1.0 = all)."""
+    from softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all), then
+    to the smallest set whose probability reaches top_p (nucleus; 1.0 = all), and to the tokens
+    whose probability is at least min_p times the most likely one's (0 = off).
+    repetition_penalty (CTRL / Hugging Face rule, 1.0 = off) divides positive logits and multiplies
+    negative logits of every token already in the row (prompt or generated), greedy included."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def validate(self) -> "SamplingParams":
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -69,6 +86,10 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be an integer >= 0 (0 = no top-k filtering)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filtering)")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1) (0 = no min-p filtering)")
+        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = off)")
         return self
 
     @property
@@ -76,22 +97,37 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
-    def filtered(self) -> bool:
+    def filtered(self) -> bool:  # needs the per-row sort
         return self.top_k > 0 or self.top_p < 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """logits (B, V), seen (B, V) bool: logits of seen tokens are divided by `penalty` when positive
+    and multiplied by it when negative (so penalty > 1 always makes them less likely)."""
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array, *, greedy: bool, filtered: bool) -> jax.Array:
+                  top_p: jax.Array, *, greedy: bool, filtered: bool, min_p: jax.Array | None = None) -> jax.Array:
     """Choose one token per row. logits: (B, V) float32 -> (B,) int32.
 
-    `greedy` and `filtered` are static (they change the program); temperature, top_k (0 = off) and
-    top_p (1 = off) are traced scalars. Filtering sorts each row once, keeps ranks < top_k, then
-    the smallest prefix of the (renormalized) sorted distribution whose mass reaches top_p (the
-    most likely token is always kept), and samples an index in sorted order.
+    `greedy` and `filtered` are static (they change the program); temperature, top_k (0 = off),
+    top_p (1 = off) and min_p (None = off, else a traced scalar) are traced. min-p needs no sort:
+    it keeps logits >= max + log(min_p). Top-k / top-p sort each row once (only when `filtered`),
+    keep ranks < top_k, then the smallest prefix of the (renormalized) sorted distribution whose
+    mass reaches top_p (the most likely token is always kept), and sample an index in sorted order.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
+    if min_p is not None:
+        floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(jnp.maximum(min_p, 1e-30))
+        logits = jnp.where(logits >= floor, logits, -jnp.inf)
     if not filtered:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     V = logits.shape[-1]
@@ -108,47 +144,133 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: jax.Arr
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "filtered"))
-def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top_p, eos_id, *,
-              max_new_tokens: int, greedy: bool, filtered: bool):
-    """Prefill + decode loop. tokens, positions: (B, Lp) int32 (left padding at position -1).
-    Returns the generated tokens (B, N) int32 and their counts per row (B,) int32."""
-    model = nnx.merge(graphdef, params)
+# Streaming: the jitted loop calls one fixed host function (so the callback never enters the
+# compile-cache key); it forwards to the callback of the generate() call now running.
+_stream_target: list = [None]
+
+
+def _stream_to_host(step, tokens, emitted):
+    if _stream_target[0] is not None:
+        _stream_target[0](int(step), np.asarray(tokens), np.asarray(emitted))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "filtered", "use_min_p",
+                                              "penalized", "stream", "window"))
+def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top_p, min_p, penalty,
+              stop_seqs, max_new, *, max_new_tokens: int, greedy: bool, filtered: bool, use_min_p: bool = False,
+              penalized: bool = False, stream: bool = False, window: int = 0):
+    """Prefill + decode loop, one program.
+
+    tokens, positions: (B, Lp) int32 (left padding at position -1). stop_seqs: (B, M, T) int32 stop
+    sequences right-aligned, -1 left of a shorter one (all -1: unused); a row stops once its last
+    generated tokens equal one. max_new: (B,) per-row limits (<= max_new_tokens = N).
+    window: 0 = the prompts plus N fit the model's positions; else the model's context S, and when
+    the next token to feed would take position S - 1 every row's last S // 2 tokens are prefilled
+    again into a fresh cache (positions 0..) and decoding continues from there.
+    Returns the generated tokens (B, N) int32 and their counts per row (B,) int32.
+    """
+    model = nnx.merge(graphdef, dequantize_params(params))  # int8 weights become float here, once per call
     B, Lp = tokens.shape
     N = max_new_tokens
+    M, T = stop_seqs.shape[1:]
+    P = T - 1
+    V = model.cfg.vocab_size
     key = jax.random.key(seed)
+    lengths0 = jnp.max(positions, axis=1) + 1  # (B,) prompt lengths
 
-    def choose(logits, step):  # logits (B, V) -> (B,)
+    def choose(logits, step, seen):  # logits (B, V) -> (B,)
+        if penalized:
+            logits = penalize_repeats(logits, seen, penalty)
         return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_k, top_p,
-                             greedy=greedy, filtered=filtered)
+                             greedy=greedy, filtered=filtered, min_p=min_p if use_min_p else None)
 
-    cache = KVCache.init(model.cfg, batch=B, length=Lp + N)
+    def stops(history, step):  # does each row's generated text end with one of its stop sequences?
+        tail = jax.lax.dynamic_slice_in_dim(history, step + Lp, T, axis=1)  # (B, T) last T tokens
+        generated = jnp.arange(T) + step + Lp >= P + Lp  # (T,) columns that hold generated tokens
+        tail = jnp.where(generated, tail, -2)
+        match = (stop_seqs == -1) | (stop_seqs == tail[:, None, :])  # (B, M, T)
+        return jnp.any(jnp.all(match, axis=-1) & jnp.any(stop_seqs >= 0, axis=-1), axis=-1)  # (B,)
+
+    def emit(step, token, emitted):
+        if stream:
+            io_callback(_stream_to_host, None, step, token, emitted, ordered=True)
+
+    cache_len = Lp + (window if window else N)
+    cache = KVCache.init(model.cfg, batch=B, length=cache_len)
     logits, cache = model(tokens, positions, cache=cache)  # (B, Lp, V)
-    first = choose(logits[:, -1], 0)  # (B,)
-    done = (first == eos_id) | (N == 1)
+    history = jnp.concatenate([jnp.full((B, P), -2, jnp.int32), jnp.where(positions >= 0, tokens, -2),
+                               jnp.zeros((B, N), jnp.int32)], axis=1)  # (B, P + Lp + N)
+    if penalized:
+        prompt_ids = jnp.where(positions >= 0, tokens, V)  # padding scatters out of range: dropped
+        seen = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], prompt_ids].set(True, mode="drop")
+    else:
+        seen = jnp.zeros((B, 1), bool)
+    first = choose(logits[:, -1], 0, seen)  # (B,)
+    history = history.at[:, P + Lp].set(first)
+    if penalized:
+        seen = seen.at[jnp.arange(B), first].set(True)
+    emit(0, first, jnp.ones((B,), bool))
+    done = stops(history, 0) | (max_new <= 1)
     state = DecodeState(
         tokens=jnp.zeros((B, N), jnp.int32).at[:, 0].set(first),
         token=first,
-        positions=jnp.max(positions, axis=1) + 1,  # (B,) each row's prompt length
+        positions=lengths0,
         lengths=jnp.ones((B,), jnp.int32),
         done=done,
         step=jnp.ones((), jnp.int32),
         cache=cache,
+        history=history,
+        seen=seen,
     )
 
-    def cond(s: DecodeState):
+    layers = split_layers(model)  # weights cut per layer once, outside the loop
+
+    def decode_one(s: DecodeState):
+        logits, cache = model(s.token[:, None], s.positions[:, None], cache=s.cache, layer_params=layers)  # (B, 1, V)
+        return logits[:, 0], cache, s.positions + 1
+
+    def slide(s: DecodeState) -> DecodeState:
+        """Prefill every row's `keep - 1` tokens before s.token (left padding excluded) into a fresh
+        cache at positions 0..; s.token is then decoded next, at the position after them (the same
+        as prefilling the last `keep` tokens, without a second kind of step in the decode loop)."""
+        keep = window // 2
+        start = P + Lp + s.step - keep  # history column of the window's first token
+        ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep - 1, axis=1)  # (B, keep - 1)
+        valid = ctx >= 0
+        wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
+        cache = KVCache.init(model.cfg, batch=B, length=cache_len)
+        _, cache = model(jnp.where(valid, ctx, 0), wpos, cache=cache)
+        return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))
+
+    def running(s: DecodeState):
         return (s.step < N) & ~jnp.all(s.done)
 
+    def in_window(s: DecodeState):  # the decode loop runs until the token to feed needs a slide
+        return running(s) & (jnp.max(s.positions) < window - 1)
+
     def body(s: DecodeState) -> DecodeState:
-        logits, cache = model(s.token[:, None], s.positions[:, None], cache=s.cache)  # (B, 1, V)
-        token = choose(logits[:, 0], s.step)  # (B,)
+        logits, cache, nxt = decode_one(s)
+        token = choose(logits, s.step, s.seen)  # (B,)
         token = jnp.where(s.done, 0, token)
         tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
-        done = s.done | (token == eos_id) | (s.step + 1 >= N)
-        return DecodeState(tokens, token, s.positions + 1, s.lengths + (~s.done).astype(jnp.int32), done,
-                           s.step + 1, cache)
+        history = jax.lax.dynamic_update_slice_in_dim(s.history, token[:, None], P + Lp + s.step, axis=1)
+        seen = s.seen.at[jnp.arange(B), token].set(True) if penalized else s.seen
+        emit(s.step, token, ~s.done)
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
+        done = s.done | stops(history, s.step) | (lengths >= max_new)
+        return DecodeState(tokens, token, nxt, lengths, done, s.step + 1, cache, history, seen)
 
-    state = jax.lax.while_loop(cond, body, state)
+    if not window:
+        state = jax.lax.while_loop(running, body, state)
+        return state.tokens, state.lengths
+
+    # past the context: an outer loop of chunks, each a slide (when needed) then an inner decode
+    # loop with no branch in it, so a decode step stays one lean program.
+    def chunk(s: DecodeState) -> DecodeState:
+        s = jax.lax.cond(jnp.max(s.positions) >= window - 1, slide, lambda s: s, s)
+        return jax.lax.while_loop(in_window, body, s)
+
+    state = jax.lax.while_loop(running, chunk, state)
     return state.tokens, state.lengths
 
 
@@ -173,28 +295,76 @@ def pad_prompts(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray,
     return tokens, positions
 
 
+def _depth(x) -> int:
+    """Nesting depth of lists (an empty list counts as one level; strings and ints are leaves)."""
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return 1 + max((_depth(e) for e in x), default=0)
+    return 0
+
+
+def _per_row(value, B: int, name: str, nested: int) -> list:
+    """`value` given once for all rows (depth `nested`), or one entry per row (depth nested + 1)."""
+    if value is None:
+        return [[] if nested else None] * B
+    rows_all_empty = len(value) == B and all(_depth(v) == 1 and len(v) == 0 for v in value)
+    if _depth(value) == nested + 1 or (nested > 1 and rows_all_empty):  # an empty stop sequence is no option
+        if len(value) != B:
+            raise ValueError(f"{name} has {len(value)} entries; give one for all rows or one per row ({B})")
+        return list(value)
+    return [value] * B
+
+
+def stop_array(stops_per_row: Sequence[Sequence[Sequence[int]]], V: int) -> np.ndarray:
+    """Per-row lists of stop sequences -> (B, M, T) int32, right-aligned, -1 padded, with M and T
+    rounded up to powers of two (at least 1) so that new stop lists rarely recompile."""
+    B = len(stops_per_row)
+    m = max([len(r) for r in stops_per_row] + [1])
+    t = max([len(s) for r in stops_per_row for s in r] + [1])
+    M, T = 1 << (m - 1).bit_length(), 1 << (t - 1).bit_length()
+    out = np.full((B, M, T), -1, np.int32)
+    for i, row in enumerate(stops_per_row):
+        for j, seq in enumerate(row):
+            seq = [int(x) for x in seq]
+            if not seq:
+                raise ValueError(f"row {i}: a stop sequence is empty")
+            if min(seq) < 0 or max(seq) >= V:
+                raise ValueError(f"row {i}: stop token ids must be in the model's vocabulary [0, {V})")
+            out[i, j, T - len(seq):] = seq
+    return out
+
+
 class Sampler:
     """A model split once into (graphdef, params), ready to generate many times.
 
     The compiled program is shared by every Sampler of the same architecture (jax.jit caches on the
     graphdef), so building a Sampler is cheap; keeping one avoids re-splitting the model per call.
+
+    quantize: None/"none" keeps the float parameters; "int8" stores every weight matrix as int8 with
+    per-output-channel scales (infer/quantize.py), dequantized inside the compiled program.
     """
 
-    def __init__(self, model: nnx.Module):
+    def __init__(self, model: nnx.Module, quantize: str | None = None):
         self.cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.params = prepare(nnx.to_pure_dict(state), quantize)
 
-    def generate(self, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 eos_id: int | None = None) -> list[list[int]]:
-        """See `generate`."""
-        sampling = SamplingParams(float(temperature), top_k, float(top_p)).validate()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be a positive integer")
-        max_new_tokens = int(max_new_tokens)
+    def generate(self, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int | Sequence[int],
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                 stop_tokens=None, stop_sequences=None, on_token=None, slide: bool = False) -> list[list[int]]:
+        """See `generate`; `slide=True` is `generate_long`."""
+        sampling = SamplingParams(float(temperature), top_k, float(top_p), float(min_p),
+                                  float(repetition_penalty)).validate()
         if len(prompts) == 0:
             return []
+        B = len(prompts)
+        limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple, np.ndarray)) else [max_new_tokens] * B
+        if len(limits) != B:
+            raise ValueError(f"max_new_tokens has {len(limits)} entries for {B} prompts")
+        for n in limits:
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"max_new_tokens={n} must be a positive integer")
+        max_new = max(int(n) for n in limits)
         V = self.cfg.vocab_size
         rows = []
         for i, p in enumerate(prompts):
@@ -208,79 +378,98 @@ class Sampler:
             raise ValueError(f"seed={seed} must be an integer in [0, 2**32)")
         if eos_id is not None and not 0 <= eos_id < V:
             raise ValueError(f"eos_id={eos_id} is outside the model's vocabulary [0, {V})")
+        stop_rows = [[[t] for t in toks] for toks in _per_row(stop_tokens, B, "stop_tokens", 1)]
+        for i, seqs in enumerate(_per_row(stop_sequences, B, "stop_sequences", 2)):
+            stop_rows[i] += [list(s) for s in seqs]
+        if eos_id is not None:
+            stop_rows = [[[eos_id]] + r for r in stop_rows]
+        stops = stop_array(stop_rows, V)
+
+        S = self.cfg.max_seq_len
         longest = max(len(r) for r in rows)
-        max_seq_len = self.cfg.max_seq_len
-        if longest + max_new_tokens > max_seq_len:
+        window = 0
+        if slide and longest + max_new > S:
+            keep = max(S // 2, 1)
+            rows = [r[-keep:] for r in rows]  # as the window will: the last S // 2 tokens
+            window, longest = S, max(len(r) for r in rows)
+            Lp = bucket_length(longest, keep)
+        elif longest + max_new > S:
             raise ValueError(
-                f"prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
-                f"exceeds the model's max_seq_len {max_seq_len}"
+                f"prompt length {longest} + max_new_tokens {max_new} = {longest + max_new} "
+                f"exceeds the model's max_seq_len {S}"
             )
-        Lp = bucket_length(longest, max_seq_len - max_new_tokens)
+        else:
+            Lp = bucket_length(longest, S - max_new)
         tokens, positions = pad_prompts(rows, Lp)
-        out, lengths = _generate(
-            self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(seed, jnp.uint32), jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32),
-            jnp.asarray(sampling.top_k, jnp.int32), jnp.asarray(sampling.top_p, jnp.float32),
-            jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
-            max_new_tokens=max_new_tokens, greedy=sampling.greedy, filtered=sampling.filtered,
-        )
-        out, lengths = np.asarray(out), np.asarray(lengths)
+        _stream_target[0] = on_token
+        try:
+            out, lengths = _generate(
+                self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
+                jnp.asarray(seed, jnp.uint32), jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32),
+                jnp.asarray(sampling.top_k, jnp.int32), jnp.asarray(sampling.top_p, jnp.float32),
+                jnp.asarray(sampling.min_p, jnp.float32), jnp.asarray(sampling.repetition_penalty, jnp.float32),
+                jnp.asarray(stops), jnp.asarray(limits, jnp.int32),
+                max_new_tokens=max_new, greedy=sampling.greedy, filtered=sampling.filtered,
+                use_min_p=sampling.min_p > 0 and not sampling.greedy, penalized=sampling.penalized,
+                stream=on_token is not None, window=window,
+            )
+            out, lengths = np.asarray(out), np.asarray(lengths)
+        finally:
+            _stream_target[0] = None
         return [out[i, :lengths[i]].tolist() for i in range(len(rows))]
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None) -> list[list[int]]:
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *,
+             max_new_tokens: int | Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             stop_tokens=None, stop_sequences=None, on_token=None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens per row.
 
     prompts: B token-id sequences (lists or int arrays) of any lengths >= 1, generated together.
+    max_new_tokens: one limit for all rows, or one per row.
     temperature: 0 = greedy (argmax); else sample softmax(logits / temperature), filtered by
-    top_k (0 = off) and top_p (nucleus, 1.0 = off). The same `seed` gives the same tokens.
-    eos_id: a row stops after emitting it (it is the last token of that row's list); every row
-    stops after max_new_tokens, and the loop ends as soon as every row has stopped.
+    top_k (0 = off), top_p (nucleus, 1.0 = off) and min_p (0 = off); repetition_penalty (1.0 =
+    off) applies first (see SamplingParams). The same `seed` gives the same tokens.
+    Stopping, per row: eos_id (all rows), stop_tokens (ids: one list for all rows or a list per
+    row) and stop_sequences (token-id sequences: one list for all rows or a list per row); a row
+    stops right after generating one of them (it ends that row's list), or after its limit; the
+    loop ends as soon as every row has stopped.
+    on_token(step, tokens, emitted): called on the host as tokens are produced (tokens: (B,) the
+    step's tokens, emitted: (B,) bool, False for rows already stopped); without it the loop makes
+    no host calls.
     Raises ValueError when a prompt plus max_new_tokens exceeds `model.cfg.max_seq_len`, or for an
     empty prompt, a token outside the vocabulary, or an invalid sampling setting.
     """
-    return Sampler(model).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
+    return Sampler(model).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                   eos_id=eos_id, stop_tokens=stop_tokens, stop_sequences=stop_sequences,
+                                   on_token=on_token)
 
 
-def generate_long(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                  eos_id: int | None = None) -> list[list[int]]:
-    """`generate`, but without the context limit: when prompt + new tokens exceed max_seq_len, it
-    generates in chunks, each conditioned on the last max_seq_len // 2 tokens (nanoGPT's generate
-    crops the context the same way, recomputing it for every token). Within the limit it is
-    exactly `generate`.
+def generate_long(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens,
+                  quantize: str | None = None, **kwargs) -> list[list[int]]:
+    """`generate`, but without the context limit: when a prompt plus the new tokens exceed
+    max_seq_len, the window slides inside the compiled loop: prompts are cut to their last
+    max_seq_len // 2 tokens, and whenever the next token to feed would take the last position,
+    every row's last max_seq_len // 2 tokens are prefilled again and decoding continues from the
+    cache (nanoGPT crops its context too, but recomputes it for every token). Rows slide together.
+    Within the limit it is exactly `generate`. quantize: see `Sampler`; other keyword arguments are
+    `generate`'s.
     """
-    sampler = Sampler(model)
-    window = model.cfg.max_seq_len
-    rows = [list(np.asarray(p, dtype=np.int64).reshape(-1)) for p in prompts]
-    if all(len(r) + max_new_tokens <= window for r in rows):
-        return sampler.generate(rows, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, eos_id=eos_id)
-    keep = max(window // 2, 1)
-    new: list[list[int]] = [[] for _ in rows]
-    active = list(range(len(rows)))
-    chunk = 0
-    while active:
-        contexts = [(rows[i] + new[i])[-keep:] for i in active]
-        n = min(max_new_tokens - len(new[active[0]]), window - max(len(c) for c in contexts))
-        out = sampler.generate(contexts, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=(seed + 7919 * chunk) % 2**32, eos_id=eos_id)
-        still = []
-        for i, toks in zip(active, out):
-            new[i].extend(toks)
-            if not (eos_id is not None and toks and toks[-1] == eos_id) and len(new[i]) < max_new_tokens:
-                still.append(i)
-        active, chunk = still, chunk + 1
-    return new
+    return Sampler(model, quantize).generate(prompts, max_new_tokens=max_new_tokens, slide=True, **kwargs)
 
 
 def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                  temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  stop: Sequence[str] | Sequence[Sequence[str]] | None = None, **kwargs) -> list[str]:
     """Text in, text out: encode each prompt (an empty one starts from EOS), generate with
-    `generate_long`, and decode the new tokens (without the EOS that stopped a row)."""
+    `generate_long`, and decode the new tokens (without the EOS that stopped a row).
+
+    stop: stop strings, one list for all rows or one list per row. Each is encoded to a stop
+    sequence (so generation stops on device), and the text is also cut before its first stop
+    string (a BPE tokenizer may spell it with other tokens), the stop string excluded.
+    Other keyword arguments are `generate`'s (min_p, repetition_penalty, on_token, ...).
+    """
     ids = []
     for p in prompts:
         t = [int(i) for i in tokenizer.encode(p)]
@@ -290,7 +479,17 @@ def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_n
                                  "tokenizer has none")
             t = [tokenizer.eos_id]
         ids.append(t)
+    stop_rows = [list(r) for r in _per_row(stop, len(prompts), "stop", 1)]
+    for r in stop_rows:
+        if any(not isinstance(x, str) or not x for x in r):
+            raise ValueError("stop strings must be non-empty strings")
+    sequences = [[[int(i) for i in tokenizer.encode(x)] for x in r] for r in stop_rows]
     out = generate_long(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, eos_id=tokenizer.eos_id)
+                        top_p=top_p, seed=seed, eos_id=tokenizer.eos_id, stop_sequences=sequences, **kwargs)
     eos = tokenizer.eos_id
-    return [tokenizer.decode(t[:-1] if (eos is not None and t and t[-1] == eos) else t) for t in out]
+    texts = []
+    for t, r in zip(out, stop_rows):
+        text = tokenizer.decode(t[:-1] if (eos is not None and t and t[-1] == eos) else t)
+        cuts = [text.find(x) for x in r if x in text]
+        texts.append(text[:min(cuts)] if cuts else text)
+    return texts

@@ -43,6 +43,7 @@ class ModelConfig:
     matmul: str = "xla"  # attention projections and MLP: xla (jnp) or pallas (pallas_kernels.matmul)
     init_std: float = 0.02
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth) or unroll
+    gelu_approximate: bool = False  # tanh GELU (Hugging Face GPT-2's "gelu_new") instead of the exact erf one
 
     # ---- derived -------------------------------------------------------------------------
     @property

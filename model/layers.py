@@ -90,6 +90,7 @@ class MLP(nnx.Module):
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.kind, self.compute_dtype = cfg.mlp, jnp.dtype(cfg.compute_dtype)
         self.matmul = cfg.matmul
+        self.gelu_approximate = cfg.gelu_approximate
         if cfg.mlp == "swiglu":
             self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg, std=std)
         self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg, std=std)
@@ -108,6 +109,8 @@ class MLP(nnx.Module):
             if self.b_gate is not None:
                 g = g + self.b_gate[...].astype(c)
             h = jax.nn.silu(g) * h
+        elif self.gelu_approximate:
+            h = jax.nn.gelu(h, approximate=True)  # tanh GELU, as Hugging Face GPT-2 ("gelu_new")
         else:
             h = gelu_exact(h)  # exact erf GELU, as GPT-2 / nanoGPT (torch default)
         y = dense(h, self.w_down[...].astype(c), self.matmul)  # (B, L, D)

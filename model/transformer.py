@@ -110,9 +110,15 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, std=cfg.init_std)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 dropout_key: jax.Array | None = None, layer_params: list | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """tokens: (B, L) int32; positions: (B, L) int32 (default 0..L-1; -1 marks left padding).
-        Returns float32 logits (B, L, V) and the updated cache (None without one)."""
+        Returns float32 logits (B, L, V) and the updated cache (None without one).
+
+        layer_params (with a cache only): the blocks' parameters already cut per layer
+        (`split_layers`), used instead of slicing the stacked ones; the layers are then unrolled. A
+        decode loop cuts them once outside the loop: XLA does not hoist the slices out of a
+        while_loop, and copying every weight each token dominates small-batch decoding on CPU."""
         cfg = self.cfg
         c = jnp.dtype(cfg.compute_dtype)
         B, L = tokens.shape
@@ -158,7 +164,12 @@ class Transformer(nnx.Module):
                 x, (k, v) = layer(x, i, p, ks[i], vs[i])
                 return (x, ks.at[i].set(k), vs.at[i].set(v)), None
 
-            if cfg.scan_layers:
+            if layer_params is not None:
+                carry = (x, cache.k, cache.v)
+                for i in range(cfg.n_layers):
+                    carry, _ = body(carry, (i, layer_params[i]))
+                x, ks, vs = carry
+            elif cfg.scan_layers:
                 (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (jnp.arange(cfg.n_layers), block_params))
             else:
                 carry = (x, cache.k, cache.v)
@@ -171,6 +182,12 @@ class Transformer(nnx.Module):
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # (D, V)
         logits = jnp.einsum("bld,dv->blv", x, head.astype(c), preferred_element_type=jnp.float32)
         return logits, cache
+
+
+def split_layers(model: Transformer) -> list:
+    """The blocks' stacked parameters cut into one tree per layer (see `Transformer.__call__`)."""
+    _, block_params = nnx.split(model.blocks)
+    return [jax.tree.map(lambda p: p[i], block_params) for i in range(model.cfg.n_layers)]
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None,

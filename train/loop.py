@@ -55,8 +55,11 @@ def resolve_vocab(cfg: ExperimentConfig, tokenizer) -> ExperimentConfig:
 
 def check_resume_compatible(saved: dict, cfg: ExperimentConfig) -> None:
     new = cfg.to_dict()
-    diffs = [f"{sec}.{k}: {saved.get(sec, {}).get(k)!r} -> {v!r}"
-             for sec in RESUME_MUST_MATCH for k, v in new[sec].items() if saved.get(sec, {}).get(k) != v]
+    # A key the saved config lacks was added to the schema later: it had its default then.
+    defaults = {sec: {f.name: f.default for f in dataclasses.fields(getattr(cfg, sec))} for sec in RESUME_MUST_MATCH}
+    diffs = [f"{sec}.{k}: {saved.get(sec, {}).get(k, defaults[sec][k])!r} -> {v!r}"
+             for sec in RESUME_MUST_MATCH for k, v in new[sec].items()
+             if saved.get(sec, {}).get(k, defaults[sec][k]) != v]
     if diffs:
         raise ConfigError("cannot resume: the run's checkpoint was made with a different config ("
                           + "; ".join(diffs) + "); use a new run.name, or the original settings")

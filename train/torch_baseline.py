@@ -1,4 +1,4 @@
-"""The PyTorch baseline of train.bench and infer.bench: jaxlm's GPT-2 family model (LayerNorm with
+"""The PyTorch baseline of train.bench and infer.bench_torch: jaxlm's GPT-2 family model (LayerNorm with
 bias, learned positions, exact GELU MLP, tied embeddings, no dropout) and its AdamW, written the
 way nanoGPT writes them (eager PyTorch, `F.scaled_dot_product_attention`), so the benchmarks can
 time the same model and optimizer side by side. Only imported when torch is installed.

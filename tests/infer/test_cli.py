@@ -91,3 +91,22 @@ def test_char_tokenizer_unknown_character_and_empty_prompt(tmp_path):
     write_checkpoint(tmp_path, CharTokenizer.train(["abc def"]))
     assert_user_error(infer("sample", "--run", str(tmp_path), "--prompt", "abz"), "'z'")
     assert_user_error(infer("sample", "--run", str(tmp_path), "--prompt", ""), "EOS")
+
+
+def test_sample_stream_int8_stop_and_export(byte_run, tmp_path):
+    """--stream prints the same text as a plain greedy run (cut at the --stop string); `export`
+    writes an artifact that `python -m infer.load_exported` runs."""
+    args = ("sample", "--run", str(byte_run), "--prompt", "ab", "--max-new-tokens", "12", "--temperature", "0",
+            "--quantize", "int8")
+    plain = infer(*args)
+    assert plain.returncode == 0, plain.stderr
+    text = plain.stdout[2:-1]
+    stop = text[4:6] if len(text) >= 6 else None
+    streamed = infer(*args, "--stream", *(("--stop", stop) if stop else ()))
+    assert streamed.returncode == 0, streamed.stderr
+    expected = "ab" + (text[:text.index(stop)] if stop else text)
+    assert streamed.stdout.startswith(expected)  # the stream also shows the stop string itself
+    out = tmp_path / "m.jaxlm"
+    r = infer("export", "--run", str(byte_run), "--out", str(out))
+    assert r.returncode == 0, r.stderr and out.is_file()
+    assert_user_error(infer("export", "--run", str(byte_run), "--out", str(out), "--batch", "0"), "--batch")

@@ -69,7 +69,7 @@ def test_torch_train_step_lowers_the_loss():
 
 
 @pytest.mark.parametrize("module, args", [("train.bench", ["--models", "huge"]), ("train.bench", ["--steps", "0"]),
-                                          ("infer.bench", ["--models", "nope"]), ("infer.bench", ["--batch", "0"])])
+                                          ("infer.bench_torch", ["--models", "nope"]), ("infer.bench_torch", ["--batch", "0"])])
 def test_bench_clis_reject_bad_arguments_with_exit_code_2(module, args, capsys):
     import importlib
 

@@ -1,0 +1,82 @@
+"""`python -m infer export --run RUN_DIR --out FILE`: the model as one file that needs only jax + numpy.
+
+The artifact (an .npz, read with allow_pickle=False) holds two `jax.export`-serialized programs
+with the weights baked in as constants (int8 ones stay int8 and are dequantized inside):
+
+  prefill(tokens (B, P) int32, positions (B, P) int32)
+      -> logits (B, V) float32 at the last column, cache k, v (n_layers, B, C, K, Dh), cache positions (B, C), index ()
+  decode(token (B,) int32, position (B,) int32, k, v, cache_positions, index)
+      -> logits (B, V), k, v, cache_positions, index
+
+plus `meta` (JSON: shapes, max_seq_len, vocab size, the tokenizer). P = max_seq_len // 2 is the
+prompt window (prompts are left-padded to it at positions -1, longer ones keep their last P
+tokens), and C = P + max_seq_len cache slots: the same layout `infer.sampler.generate_long` uses,
+so `infer/load_exported.py` slides the window the same way and generates the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.quantize import dequantize_params, prepare
+from model.transformer import KVCache
+
+FORMAT = "jaxlm-export-1"
+
+
+def export_model(model, tokenizer_json: str | None, out: str | Path, *, batch: int = 1, quantize: str | None = None,
+                 platforms: tuple[str, ...] | None = None) -> Path:
+    """Serialize prefill and decode of `model` (weights included) into `out` (.npz)."""
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    params = prepare(nnx.to_pure_dict(state), quantize)
+    S = cfg.max_seq_len
+    P, C, B = max(S // 2, 1), max(S // 2, 1) + S, batch
+
+    def build():
+        return nnx.merge(graphdef, dequantize_params(params))
+
+    def prefill(tokens, positions):  # (B, P), (B, P)
+        cache = KVCache.init(cfg, batch=B, length=C)
+        logits, cache = build()(tokens, positions, cache=cache)
+        return logits[:, -1], cache.k, cache.v, cache.positions, cache.index
+
+    def decode(token, position, k, v, cache_positions, index):
+        cache = KVCache(k, v, cache_positions, index)
+        logits, cache = build()(token[:, None], position[:, None], cache=cache)
+        return logits[:, 0], cache.k, cache.v, cache.positions, cache.index
+
+    i32 = jnp.int32
+    cache_shape = (cfg.n_layers, B, C, cfg.kv_heads, cfg.head_dim)
+    cdt = jnp.dtype(cfg.compute_dtype)
+    kw = {} if platforms is None else {"platforms": platforms}
+    pre = jax.export.export(jax.jit(prefill), **kw)(
+        jax.ShapeDtypeStruct((B, P), i32), jax.ShapeDtypeStruct((B, P), i32))
+    dec = jax.export.export(jax.jit(decode), **kw)(
+        jax.ShapeDtypeStruct((B,), i32), jax.ShapeDtypeStruct((B,), i32),
+        jax.ShapeDtypeStruct(cache_shape, cdt), jax.ShapeDtypeStruct(cache_shape, cdt),
+        jax.ShapeDtypeStruct((B, C), i32), jax.ShapeDtypeStruct((), i32))
+    meta = {"format": FORMAT, "batch": B, "prompt_window": P, "cache_slots": C, "max_seq_len": S,
+            "vocab_size": cfg.vocab_size, "quantize": quantize or "none", "platforms": list(pre.platforms),
+            "tokenizer": tokenizer_json}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
+        np.savez(f, prefill=np.frombuffer(pre.serialize(), np.uint8), decode=np.frombuffer(dec.serialize(), np.uint8),
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    return out
+
+
+def export_run(run: str | Path, out: str | Path, *, step: int | None = None, batch: int = 1,
+               quantize: str | None = None) -> Path:
+    """Export the latest (or given) checkpoint of a run directory."""
+    from train.checkpoint import load_for_inference
+
+    _, model, tokenizer, _ = load_for_inference(run, step)
+    return export_model(model, tokenizer.to_json(), out, batch=batch, quantize=quantize)
