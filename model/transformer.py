@@ -24,7 +24,7 @@ from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import MLP, Norm, dropout, param
 from sharding import pipeline
-from sharding.rules import with_logical_constraint
+from sharding.rules import validate_state, with_logical_constraint
 
 
 @jax.tree_util.register_dataclass
@@ -200,6 +200,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None 
     if mesh is None:
         return init()
     graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+    if rules:  # a parameter that cannot be sharded is a ShardingError naming it, before compiling
+        validate_state(abstract_state, mesh.shape, rules)
     shardings = state_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from model.config import preset
-from model.transformer import build_model
+from model.transformer import build_model, state_shardings
 from sharding.mesh import make_mesh
 from sharding.pipeline import pipeline_microbatches
-from sharding.rules import rules_for
+from sharding.rules import rules_for, validate_state
 from train.config import MeshConfig
 from train.step import make_loss_fn
 
@@ -105,24 +105,34 @@ def spec_of(array) -> tuple:
     return spec
 
 
-def train_three_steps(mesh=None, rules=None, microbatches=0):
+def initial_model():
+    """graphdef, abstract state (with logical-axis metadata) and host parameters, built once."""
+    model = build_model(MODEL, seed=0)
+    graphdef, state = nnx.split(model)
+    return graphdef, jax.eval_shape(lambda: state), jax.device_get(nnx.to_pure_dict(state))
+
+
+def train_three_steps(model, mesh=None, rules=None, microbatches=0):
     """(losses, gradients after the steps, parameter specs) of STEPS SGD steps, on `mesh` or on one device.
 
-    One jitted function computes the loss and gradients and applies the update, so each case
-    compiles once; the real `make_train_step` (AdamW, clipping, schedule) runs sharded in the
-    Trainer tests of this folder (CLI on fsdp x tensor, checkpoint onto other meshes)."""
+    The parameters are placed with `state_shardings` (what `build_model` gives its jitted
+    initializer as out_shardings), so each case compiles only one function: the loss, gradients
+    and update. The real `make_train_step` (AdamW, clipping, schedule) runs sharded in the
+    Trainer tests of this folder (CLI on fsdp x tensor, checkpoints onto other meshes)."""
     import contextlib
 
+    graphdef, abstract, host_params = model
     ctx = contextlib.ExitStack()
-    if mesh is not None:
+    if mesh is None:
+        params = jax.device_put(host_params, jax.devices()[0])
+    else:
         ctx.enter_context(jax.set_mesh(mesh))
         ctx.enter_context(nnx.logical_axis_rules(rules))
         ctx.enter_context(pipeline_microbatches(microbatches))
+        validate_state(abstract, mesh.shape, rules)
+        params = jax.device_put(host_params, nnx.to_pure_dict(state_shardings(abstract, mesh, rules)))
+    specs = {name: spec_of(p) for name, p in flat(params).items()}
     with ctx:
-        model = build_model(MODEL, seed=0, mesh=mesh, rules=rules)
-        graphdef, params = nnx.split(model)
-        params = nnx.to_pure_dict(params)
-        specs = {name: spec_of(p) for name, p in flat(params).items()}  # as built, before any step
         loss_and_grads = jax.value_and_grad(make_loss_fn(graphdef))
 
         @jax.jit
@@ -140,20 +150,24 @@ def train_three_steps(mesh=None, rules=None, microbatches=0):
 
 
 @pytest.fixture(scope="module")
-def single_device():
-    with jax.default_device(jax.devices()[0]):
-        return train_three_steps()
+def model():
+    return initial_model()
+
+
+@pytest.fixture(scope="module")
+def single_device(model):
+    return train_three_steps(model)
 
 
 @pytest.mark.parametrize("sizes,preset_name", CASES,
                          ids=[f"{p}-" + "x".join(f"{k}{v}" for k, v in s.items()) for s, p in CASES])
-def test_sharded_training_matches_single_device(single_device, sizes, preset_name):
+def test_sharded_training_matches_single_device(model, single_device, sizes, preset_name):
     ref_losses, ref_grads, _ = single_device
     sizes = dict(sizes)
     microbatches = sizes.pop("microbatches", 0)
     cfg = dataclasses.replace(MeshConfig(**sizes), rules=preset_name).validate()
     mesh = make_mesh(cfg)
-    losses, grads, specs = train_three_steps(mesh, rules_for(preset_name), microbatches)
+    losses, grads, specs = train_three_steps(model, mesh, rules_for(preset_name), microbatches)
 
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
     assert set(grads) == set(ref_grads)
