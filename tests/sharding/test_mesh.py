@@ -92,7 +92,7 @@ def abstract_model(**overrides):
 def test_validation_names_the_parameter_its_shape_and_the_axes():
     state = abstract_model(d_ff=62, n_kv_heads=4)
     mesh_shape = {"data": 2, "fsdp": 1, "tensor": 4, "sequence": 1, "stage": 1}
-    with pytest.raises(ShardingError, match=r"blocks.mlp.w_gate with shape \(4, 32, 62\).*mlp=62.*tensor=4"):
+    with pytest.raises(ShardingError, match=r"blocks.mlp.w_down with shape \(4, 62, 32\).*mlp=62.*tensor=4"):
         validate_state(state, mesh_shape, rules_for("fsdp_tp"))
     validate_state(state, mesh_shape, rules_for("fsdp"))  # fsdp does not split mlp: fine
     with pytest.raises(ShardingError, match="logical axis 'embed' has no rule"):
