@@ -139,9 +139,7 @@ def distributed_settings(mesh_cfg, environ=None) -> dict | None:
 def initialize_distributed(mesh_cfg) -> bool:
     """Start `jax.distributed` when the job has several processes (see `distributed_settings`).
     Must run before any other JAX call; idempotent. Returns True when this job is multi-process."""
-    from jax._src import distributed
-
-    if distributed.global_state.client is not None:
+    if jax.distributed.is_initialized():
         return True
     settings = distributed_settings(mesh_cfg)
     if settings is None:

@@ -72,6 +72,7 @@ class Trainer:
         self.run_dir = cfg.run.path
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
+        self.mesh, self.rules = self.build_mesh(cfg)  # a bad mesh fails here, before any data work
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
         self.resume_step = self.checkpointer.latest_step()
@@ -87,7 +88,6 @@ class Trainer:
             write_manifest(self.run_dir, seed=cfg.train.seed, data_fingerprint=self.data.fingerprint,
                            data_stats=self.data.stats, resumed_from=self.resume_step)
 
-        self.mesh, self.rules = self.build_mesh(cfg)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "seq"), self.rules))
         with self.mesh_context():
             try:  # validates every parameter's sharding before the initializer compiles

@@ -52,7 +52,8 @@ def launch(args: list[str], devices: int, log: Path) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
     """All runs at once (they share the 2 cores while each waits on its own start-up): a 1-device
-    reference (in this process), and with `python -m train`: fsdp=4 x tensor=2 on 8 devices, 2 processes x 2 devices with jax.distributed on a
+    reference (in this process), and with `python -m train`: fsdp=4 x tensor=2 on 8 devices, a
+    2-stage pipeline (data=4 x stage=2, 2 microbatches), 2 processes x 2 devices with jax.distributed on a
     data=2 x fsdp=2 mesh, and a mesh that does not divide the model. They read one token store,
     tokenized here, so no two processes write the same files."""
     tmp = tmp_path_factory.mktemp("cli")
@@ -65,6 +66,8 @@ def cli_runs(tmp_path_factory):
     procs = {
         "fsdp_tp": launch([*common, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"run.dir={tmp / 'fsdp_tp'}"],
                           8, tmp / "fsdp_tp.log"),
+        "stage": launch([*common, "mesh.data=4", "mesh.stage=2", "mesh.microbatches=2", f"run.dir={tmp / 'stage'}"],
+                        8, tmp / "stage.log"),
         "bad": launch([*common, "mesh.data=1", "mesh.tensor=8", f"run.dir={tmp / 'bad'}"], 8, tmp / "bad.log"),
     }
     for pid in range(2):
@@ -83,7 +86,7 @@ def cli_runs(tmp_path_factory):
     return tmp, codes, logs
 
 
-@pytest.mark.parametrize("run", ["fsdp_tp", "multi"])
+@pytest.mark.parametrize("run", ["fsdp_tp", "stage", "multi"])
 def test_sharded_cli_runs_log_the_single_device_losses(cli_runs, run):
     tmp, codes, logs = cli_runs
     for name in (run,) if run != "multi" else ("multi0", "multi1"):
