@@ -30,21 +30,20 @@ LR = 0.5  # plain SGD: large enough that 3 steps move the parameters well away f
 # (a rule onto a size-1 axis is a no-op, an unused axis just repeats work), so the full 5 x 7
 # grid would mostly re-test the same layout; these pairs cover each mesh and each preset, and
 # each preset on a mesh where its rules actually shard something:
-#   data=8                   dp       the batch over 8
-#   fsdp=8                   fsdp     parameters split 8 ways along embed;  dp: fsdp as a batch axis
+#   data=8                   dp       the batch over 8 (dp on fsdp=8 would be the same layout)
+#   fsdp=8                   fsdp     parameters split 8 ways along embed
 #   fsdp=4 x tensor=2        fsdp_tp  2-D parameter sharding;  tp: tensor parallelism, fsdp as batch
-#   data=2 x fsdp=2 x tensor=2  fsdp_tp and tp: three axes at once
+#   data=2 x fsdp=2 x tensor=2  fsdp_tp: three axes at once (tp here would repeat tp's case above:
+#                            the batch over 4 devices, heads over 2)
 #   fsdp=2 x sequence=4      fsdp_sp  activations split along the sequence (K/V all-gathered)
 #   stage=2 (data=4)         dp       a 2-stage pipeline, 4 microbatches, data parallel inside
 #   stage=4 (fsdp=2)         fsdp     a 4-stage pipeline, 4 microbatches, fsdp inside
 CASES = [
     (dict(data=8), "dp"),
     (dict(data=1, fsdp=8), "fsdp"),
-    (dict(data=1, fsdp=8), "dp"),
     (dict(data=1, fsdp=4, tensor=2), "fsdp_tp"),
     (dict(data=1, fsdp=4, tensor=2), "tp"),
     (dict(data=2, fsdp=2, tensor=2), "fsdp_tp"),
-    (dict(data=2, fsdp=2, tensor=2), "tp"),
     (dict(data=1, fsdp=2, sequence=4), "fsdp_sp"),
     (dict(data=4, stage=2, microbatches=4), "dp"),
     (dict(data=1, fsdp=2, stage=4, microbatches=4), "fsdp"),
