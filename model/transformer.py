@@ -23,7 +23,8 @@ from flax import nnx
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import MLP, Norm, dropout, param
-from sharding.rules import with_logical_constraint
+from sharding import pipeline
+from sharding.rules import validate_state, with_logical_constraint
 
 
 @jax.tree_util.register_dataclass
@@ -73,6 +74,10 @@ class Block(nnx.Module):
         k, v = self.attn.project_kv(h, positions)  # (B, L, K, Dh)
         if cache_kv is None:
             kv_positions = positions
+            # Sequence parallelism: queries stay split over the sequence shards, keys/values are
+            # all-gathered along the sequence, so attention is exact across shards.
+            k = with_logical_constraint(k, ("batch", None, "kv_heads", "head_dim"))
+            v = with_logical_constraint(v, ("batch", None, "kv_heads", "head_dim"))
         else:
             ck, cv = cache_kv
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
@@ -147,7 +152,14 @@ class Transformer(nnx.Module):
             cache_kv = None if ck is None else (ck, cv)
             return block(x, positions, cache_kv, kv_positions, None if cache is None else cache.index, key)
 
-        if cache is None:
+        if cache is None and pipeline.num_stages() > 1:
+            if dropout_key is not None:
+                raise ValueError("dropout is not supported with pipeline parallelism (mesh.stage > 1)")
+
+            def block_fn(x, pos, i, params):
+                return nnx.merge(graphdef, params)(x, pos)[0]
+            x = pipeline.run_stages(block_fn, x, positions, block_params)
+        elif cache is None:
             if cfg.scan_layers:
                 def body(x, xs):
                     i, p = xs
@@ -205,6 +217,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None 
     if mesh is None:
         return init()
     graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+    if rules:  # a parameter that cannot be sharded is a ShardingError naming it, before compiling
+        validate_state(abstract_state, mesh.shape, rules)
     shardings = state_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)

@@ -137,14 +137,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; -1 takes the devices the other axes leave."""
+    """Mesh axis sizes (-1 takes the devices the other axes leave), the logical-axis rule preset,
+    pipeline microbatches, multi-slice and multi-host settings (see sharding/mesh.py)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
     stage: int = 1
-    rules: str = "fsdp"  # logical-axis rule preset, see sharding/rules.py
+    rules: str = "fsdp_tp"  # logical-axis rule preset: dp | fsdp | fsdp_tp | tp | fsdp_sp (sharding/rules.py)
+    microbatches: int = 0  # pipeline microbatches per step with stage > 1 (0 = 2 * stage)
+    # Multi-slice TPU: how many slices each axis spans over DCN (the sizes above are per slice).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_sequence: int = 1
+    dcn_stage: int = 1
+    num_devices: int = 0  # single process: use only the first N devices (0 = all)
+    # Multi-host without auto-detection (auto: Cloud TPU VM, SLURM); env JAX_COORDINATOR_ADDRESS etc. also work.
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
 
     def validate(self) -> "MeshConfig":
         from sharding.rules import RULE_PRESETS
@@ -155,7 +168,11 @@ class MeshConfig:
         for a, v in sizes.items():
             if v == 0 or v < -1:
                 raise ConfigError(f"mesh.{a}={v} must be a positive integer or -1 (the remaining devices)")
+            if getattr(self, f"dcn_{a}") < 1:
+                raise ConfigError(f"mesh.dcn_{a}={getattr(self, f'dcn_{a}')} must be a positive integer")
         _choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
+        if self.microbatches < 0 or self.num_devices < 0 or self.num_processes < 0:
+            raise ConfigError("mesh.microbatches, mesh.num_devices and mesh.num_processes must be >= 0")
         return self
 
 
@@ -214,6 +231,17 @@ class ExperimentConfig:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        m = self.mesh
+        if m.stage != 1 and self.model.n_layers % m.stage:
+            raise ConfigError(f"model.n_layers={self.model.n_layers} must be divisible by mesh.stage={m.stage} "
+                              "(each pipeline stage holds n_layers / stage layers)")
+        micro = m.microbatches or 2 * m.stage
+        if m.stage > 1 and (self.train.batch_size // self.optim.grad_accum) % micro:
+            raise ConfigError(f"the per-step batch train.batch_size / optim.grad_accum = "
+                              f"{self.train.batch_size // self.optim.grad_accum} must be divisible by "
+                              f"mesh.microbatches={micro}")
+        if m.stage > 1 and self.model.dropout > 0:
+            raise ConfigError("model.dropout must be 0 with pipeline parallelism (mesh.stage > 1)")
         if self.train.batch_size % self.optim.grad_accum:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} must be divisible by optim.grad_accum={self.optim.grad_accum}"

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from model.attention import check_kernel_platform
 from model.transformer import build_model
-from sharding.mesh import make_mesh
-from sharding.rules import logical_to_spec, rules_for
+from sharding.mesh import initialize_distributed, make_mesh
+from sharding.pipeline import pipeline_microbatches
+from sharding.rules import ShardingError, check_divisible, logical_to_spec, rules_for, unused_mesh_axes
 from train import data as data_lib
 from train.checkpoint import Checkpointer, read_checkpoint_meta
 from train.config import ConfigError, ExperimentConfig
@@ -70,6 +71,10 @@ class Trainer:
     and notebooks can drive the pieces."""
 
     def __init__(self, cfg: ExperimentConfig):
+        try:
+            initialize_distributed(cfg.mesh)  # multi-host: before any other JAX call
+        except ShardingError as e:
+            raise ConfigError(str(e)) from None
         try:  # a kernel the device cannot run is a config error before any work starts
             check_kernel_platform(cfg.model)
         except ValueError as e:
@@ -77,6 +82,7 @@ class Trainer:
         self.run_dir = cfg.run.path
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
+        self.mesh, self.rules = self.build_mesh(cfg)  # a bad mesh fails here, before any data work
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save, keep_every=cfg.checkpoint.keep_every,
                                          min_free_mb=cfg.checkpoint.min_free_mb)
@@ -93,11 +99,12 @@ class Trainer:
             write_manifest(self.run_dir, seed=cfg.train.seed, data_fingerprint=self.data.fingerprint,
                            data_stats=self.data.stats, resumed_from=self.resume_step)
 
-        self.mesh = make_mesh(cfg.mesh)
-        self.rules = rules_for(cfg.mesh.rules)
-        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", None), self.rules))
+        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "seq"), self.rules))
         with self.mesh_context():
-            model = build_model(cfg.model, seed=cfg.train.seed, mesh=self.mesh, rules=self.rules)
+            try:  # validates every parameter's sharding before the initializer compiles
+                model = build_model(cfg.model, seed=cfg.train.seed, mesh=self.mesh, rules=self.rules)
+            except ShardingError as e:
+                raise ConfigError(f"mesh {dict(self.mesh.shape)} with mesh.rules={cfg.mesh.rules}: {e}") from None
             self.tx = make_optimizer(cfg.optim, cfg.train.steps)
             self.graphdef, self.state = init_train_state(model, self.tx, cfg.train.seed)
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
@@ -117,6 +124,24 @@ class Trainer:
             self.guard.load_state_dict(self.checkpointer.restore_guard(self.resume_step))
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
 
+    @staticmethod
+    def build_mesh(cfg: ExperimentConfig):
+        """The mesh and rules of `cfg.mesh`, checked against the batch before anything compiles."""
+        try:
+            mesh, rules = make_mesh(cfg.mesh), rules_for(cfg.mesh.rules)
+            micro = cfg.train.batch_size // cfg.optim.grad_accum
+            if mesh.shape["stage"] > 1:
+                micro //= cfg.mesh.microbatches or 2 * mesh.shape["stage"]
+            check_divisible("each (micro)batch", (micro, cfg.data.seq_len), ("batch", "seq"), dict(mesh.shape), rules)
+        except ShardingError as e:
+            raise ConfigError(str(e)) from None
+        unused = unused_mesh_axes(dict(mesh.shape), rules)
+        if unused:
+            log.warning("mesh.rules=%s does not use mesh axes %s: their devices repeat the same work",
+                        cfg.mesh.rules, unused)
+        log.info("mesh %s, rules %s", dict(mesh.shape), cfg.mesh.rules)
+        return mesh, rules
+
     def mesh_context(self):
         """Mesh + logical rules active while tracing, so activation constraints resolve."""
         import contextlib
@@ -124,6 +149,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nnx.logical_axis_rules(self.rules))
+        stack.enter_context(pipeline_microbatches(self.cfg.mesh.microbatches))
         return stack
 
     def to_global(self, local_batch: dict) -> dict:
