@@ -268,30 +268,13 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         raise HFError(f"{hf_dir}: tensor shapes do not match config.json (expected {want}, got {got})")
     exp = from_dict({"model": dataclasses.asdict(cfg), "data": {"tokenizer": "bpe"},
                      "run": {"name": run_dir.name, "dir": str(run_dir)}})
-    save_inference_checkpoint(run_dir, exp, jax.tree.map(np.asarray, params), tokenizer.to_json())
-    return run_dir
-
-
-def save_inference_checkpoint(run_dir: Path, exp, params: dict, tokenizer_json: str, step: int = 0) -> None:
-    """A run directory with config.yaml and checkpoints/<step>/ holding params, config and tokenizer
-    (the items `train.checkpoint.load_for_inference` reads)."""
-    import jax.numpy as jnp
-    import jax
-    import orbax.checkpoint as ocp
+    from train.checkpoint import save_inference_checkpoint
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(exp.to_yaml())
-    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
-                                    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
-    try:
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(jax.tree.map(jnp.asarray, params)),
-            config=ocp.args.JsonSave(exp.to_dict()),
-            tokenizer=ocp.args.JsonSave({"tokenizer": tokenizer_json}),
-        ), force=True)
-        manager.wait_until_finished()
-    finally:
-        manager.close()
+    save_inference_checkpoint(run_dir / "checkpoints", 0, jax.tree.map(np.asarray, params), exp.to_dict(),
+                              tokenizer.to_json())
+    return run_dir
 
 
 def export_hf(run_dir: str | Path, hf_dir: str | Path, step: int | None = None) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
@@ -189,6 +190,24 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def save_inference_checkpoint(directory: str | Path, step: int, params, config: dict, tokenizer_json: str) -> None:
+    """Write checkpoint `step` with only the items `load_for_inference` reads (params, config,
+    tokenizer), committed like a training checkpoint (integrity manifest, atomic rename): what
+    `python -m infer import-hf` produces."""
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                           temporary_path_class=IntegrityTemporaryPath)
+    manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    try:
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(jax.tree.map(jnp.asarray, params)),
+            config=ocp.args.JsonSave(config),
+            tokenizer=ocp.args.JsonSave({"tokenizer": tokenizer_json}),
+        ), force=True)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
 
 
 def _complete_steps(directory: Path) -> list[int]:
