@@ -108,7 +108,7 @@ def test_every_preset_maps_every_logical_name_and_reports_idle_axes():
 
 
 def test_plan_prints_per_device_memory_and_fit(capsys):
-    cfg_args = ["experiments/quickstart.yaml", "model.vocab_size=256", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
+    cfg_args = ["experiments/quickstart.yaml", "data.tokenizer=byte", "model.vocab_size=256", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
     assert plan.main(cfg_args + ["--devices", "8"]) == 0
     out = capsys.readouterr().out
     for row in ("params", "optimizer", "activations", "total", "TPU v5e", "H100"):
@@ -121,6 +121,6 @@ def test_plan_prints_per_device_memory_and_fit(capsys):
     # Every parameter of this model is split 8 ways by fsdp x tensor (norm scales only over fsdp).
     assert one["params"] / 8 <= eight["params"] <= one["params"] / 7
     assert one["params"] == cfg.model.num_params() * 4
-    assert plan.main(["experiments/quickstart.yaml", "mesh.tensor=2", "--devices", "8"]) == 2  # vocab 257 / 2
+    assert plan.main(["experiments/quickstart.yaml", "data.tokenizer=byte", "mesh.tensor=2", "--devices", "8"]) == 2  # vocab 257 / 2
     assert "vocab=257" in capsys.readouterr().err
 

@@ -21,11 +21,11 @@ from train.loop import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-5  # float32; sharded reductions only change the summation order
-# The quickstart recipe shrunk to a tiny model and 3 steps; vocab 258 = the byte tokenizer's 257
+# The quickstart recipe shrunk to a tiny byte-level model and 3 steps; vocab 258 = the byte tokenizer's 257
 # rounded up so that tensor=2 divides it.
 TINY = [
     "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
-    "model.max_seq_len=16", "model.vocab_size=258", "data.seq_len=16", "data.max_chars=20000",
+    "model.max_seq_len=16", "model.vocab_size=258", "data.tokenizer=byte", "data.seq_len=16", "data.max_chars=20000",
     "train.batch_size=8", "train.steps=3", "train.log_every=1", "train.eval_every=0", "train.sample_tokens=0",
     "train.progress=false", "optim.warmup_steps=1", "checkpoint.every=0",
 ]
