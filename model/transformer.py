@@ -64,9 +64,13 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache_kv=None, kv_positions=None, index=None, dropout_key=None):
-        """x: (B, L, D). Without a cache, attends within x. With `cache_kv=(k, v)` (this layer's
-        (B, S, K, Dh) cache), writes this segment's keys/values at slot `index` and attends to the
-        cache (whose slot positions are `kv_positions`). Returns (x, (k, v))."""
+        """x: (B, L, D). Without a cache, attends within x. With `cache_kv=(ks, vs, layer)` (every
+        layer's (n_layers, B, S, K, Dh) cache and this block's layer index), writes this segment's
+        keys/values at [layer, :, index] and attends to the cache's layer (whose slot positions are
+        `kv_positions`). Returns (x, (k, v)): this segment's own without a cache, else the updated
+        stacked (ks, vs). Writing the new slots straight into the stacked cache lets XLA update it in
+        place; cutting a layer out, updating it and writing it back copied every layer's cache (and
+        the whole stack) on every decode step."""
         attn_key = mlp_key = None
         if dropout_key is not None:
             attn_key, mlp_key = jax.random.split(dropout_key)
@@ -79,13 +83,17 @@ class Block(nnx.Module):
             k = with_logical_constraint(k, ("batch", None, "kv_heads", "head_dim"))
             v = with_logical_constraint(v, ("batch", None, "kv_heads", "head_dim"))
         else:
-            ck, cv = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+            ks, vs, layer = cache_kv
+            zero = jnp.zeros((), jnp.int32)
+            at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+            ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), at)
+            vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), at)
+            k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False)  # (B, S, K, Dh)
+            v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False)
         x = x + self.attn(h, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
         x = with_logical_constraint(x, ("batch", "seq", None))
-        return x, (k, v)
+        return x, ((k, v) if cache_kv is None else (ks, vs))
 
 
 class Transformer(nnx.Module):
@@ -146,10 +154,10 @@ class Transformer(nnx.Module):
         if cache is not None:
             kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
 
-        def layer(x, i, params, ck=None, cv=None):
+        def layer(x, i, params, ks=None, vs=None):
             block = nnx.merge(graphdef, params)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            cache_kv = None if ck is None else (ck, cv)
+            cache_kv = None if ks is None else (ks, vs, i)
             return block(x, positions, cache_kv, kv_positions, None if cache is None else cache.index, key)
 
         if cache is None and pipeline.num_stages() > 1:
@@ -169,12 +177,12 @@ class Transformer(nnx.Module):
                 for i in range(cfg.n_layers):
                     x, _ = layer(x, i, jax.tree.map(lambda p: p[i], block_params))
         else:
-            # The whole cache rides in the loop carry and is updated in place, one layer at a time.
+            # The whole cache rides in the loop carry; each block writes its new slots into it in place.
             def body(carry, xs):
                 x, ks, vs = carry
                 i, p = xs
-                x, (k, v) = layer(x, i, p, ks[i], vs[i])
-                return (x, ks.at[i].set(k), vs.at[i].set(v)), None
+                x, (ks, vs) = layer(x, i, p, ks, vs)
+                return (x, ks, vs), None
 
             if layer_params is not None:
                 carry = (x, cache.k, cache.v)
