@@ -4,7 +4,7 @@ The artifact (an .npz, read with allow_pickle=False) holds two `jax.export`-seri
 with the weights baked in as constants (int8 ones stay int8 and are dequantized inside):
 
   prefill(tokens (B, P) int32, positions (B, P) int32)
-      -> logits (B, V) float32 at the last column, cache k, v (n_layers, B, C, K, Dh), cache positions (B, C), index ()
+      -> logits (B, V) float32 at the last column, cache k (n_layers, B, K, C, Dh), v (n_layers, B, K, Dh, C), cache positions (B, C), index ()
   decode(token (B,) int32, position (B,) int32, k, v, cache_positions, index)
       -> logits (B, V), k, v, cache_positions, index
 
@@ -53,14 +53,15 @@ def export_model(model, tokenizer_json: str | None, out: str | Path, *, batch: i
         return logits[:, 0], cache.k, cache.v, cache.positions, cache.index
 
     i32 = jnp.int32
-    cache_shape = (cfg.n_layers, B, C, cfg.kv_heads, cfg.head_dim)
+    k_shape = (cfg.n_layers, B, cfg.kv_heads, C, cfg.head_dim)  # KVCache.init's layouts
+    v_shape = (cfg.n_layers, B, cfg.kv_heads, cfg.head_dim, C)
     cdt = jnp.dtype(cfg.compute_dtype)
     kw = {} if platforms is None else {"platforms": platforms}
     pre = jax.export.export(jax.jit(prefill), **kw)(
         jax.ShapeDtypeStruct((B, P), i32), jax.ShapeDtypeStruct((B, P), i32))
     dec = jax.export.export(jax.jit(decode), **kw)(
         jax.ShapeDtypeStruct((B,), i32), jax.ShapeDtypeStruct((B,), i32),
-        jax.ShapeDtypeStruct(cache_shape, cdt), jax.ShapeDtypeStruct(cache_shape, cdt),
+        jax.ShapeDtypeStruct(k_shape, cdt), jax.ShapeDtypeStruct(v_shape, cdt),
         jax.ShapeDtypeStruct((B, C), i32), jax.ShapeDtypeStruct((), i32))
     meta = {"format": FORMAT, "batch": B, "prompt_window": P, "cache_slots": C, "max_seq_len": S,
             "vocab_size": cfg.vocab_size, "quantize": quantize or "none", "platforms": list(pre.platforms),

@@ -32,8 +32,11 @@ from sharding.rules import validate_state, with_logical_constraint
 class KVCache:
     """Keys and values of every layer for S slots, and the absolute position held in each slot.
 
-    k, v: (n_layers, B, S, K, Dh); positions: (B, S) int32, -1 where a slot is empty (or holds
-    left padding), which the position mask excludes; index: the next slot to write (shared by rows).
+    k: (n_layers, B, K, S, Dh) and v: (n_layers, B, K, Dh, S): one layer's keys and values lie in
+    the layouts XLA:CPU's attention dots read them in, so a decode step copies each out with one
+    contiguous slice instead of transposing it (the transposes cost as much as the dots at batch 1);
+    positions: (B, S) int32, -1 where a slot is empty (or holds left padding), which the position
+    mask excludes; index: the next slot to write (shared by rows).
     """
 
     k: jax.Array
@@ -44,13 +47,14 @@ class KVCache:
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
-        shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        k_shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.head_dim)
+        v_shape = (cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim, length)
+        return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype),
                    jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 class Block(nnx.Module):
@@ -65,7 +69,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, cache_kv=None, kv_positions=None, index=None, dropout_key=None):
         """x: (B, L, D). Without a cache, attends within x. With `cache_kv=(ks, vs, layer)` (every
-        layer's (n_layers, B, S, K, Dh) cache and this block's layer index), writes this segment's
+        layer's cache, in KVCache's layouts, and this block's layer index), writes this segment's
         keys/values at [layer, :, index] and attends to the cache's layer (whose slot positions are
         `kv_positions`). Returns (x, (k, v)): this segment's own without a cache, else the updated
         stacked (ks, vs). Writing the new slots straight into the stacked cache lets XLA update it in
@@ -85,11 +89,14 @@ class Block(nnx.Module):
         else:
             ks, vs, layer = cache_kv
             zero = jnp.zeros((), jnp.int32)
-            at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
-            ks = jax.lax.dynamic_update_slice(ks, k[None].astype(ks.dtype), at)
-            vs = jax.lax.dynamic_update_slice(vs, v[None].astype(vs.dtype), at)
-            k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False)  # (B, S, K, Dh)
-            v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False)
+            layer, index = jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)
+            ks = jax.lax.dynamic_update_slice(ks, k.transpose(0, 2, 1, 3)[None].astype(ks.dtype),
+                                              (layer, zero, zero, index, zero))  # as (B, K, L, Dh)
+            vs = jax.lax.dynamic_update_slice(vs, v.transpose(0, 2, 3, 1)[None].astype(vs.dtype),
+                                              (layer, zero, zero, zero, index))  # as (B, K, Dh, L)
+            # the (B, S, K, Dh) views attention takes; its dots read them as stored (a contiguous slice)
+            k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False).transpose(0, 2, 1, 3)
+            v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False).transpose(0, 3, 1, 2)
         x = x + self.attn(h, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
         x = with_logical_constraint(x, ("batch", "seq", None))
