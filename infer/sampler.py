@@ -239,7 +239,7 @@ def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top
         valid = ctx >= 0
         wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
         cache = KVCache.init(model.cfg, batch=B, length=cache_len)
-        _, cache = model(jnp.where(valid, ctx, 0), wpos, cache=cache)
+        _, cache = model(jnp.where(valid, ctx, 0), wpos, cache=cache, layer_params=layers)
         return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))
 
     def running(s: DecodeState):
