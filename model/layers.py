@@ -31,17 +31,24 @@ def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> j
     """Contract the last `contract` dims of x with the first of w: (..., *in) x (*in, *out) -> (..., *out).
 
     `impl` is `ModelConfig.matmul`: 'xla' (jnp) or 'pallas' (the tiled kernel of
-    pallas_kernels.matmul, float32 accumulation, on w flattened to 2-D)."""
+    pallas_kernels.matmul, float32 accumulation).
+
+    Both multiply 2-D operands, x as (tokens, in) and w as (in, out): then the weight gradient of
+    the backward pass, x^T dy, contracts one axis, which XLA:CPU's matmul takes as it is, instead
+    of the (B, L) pair of a 3-D x, which it first copies into a transposed 2-D buffer (issue 7:
+    train step 112 -> 98 ms CPU time on the shakespeare_char_cpu model, same gradients)."""
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"model.matmul={impl!r} is not one of xla, pallas")
+    lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+    k = math.prod(w.shape[:contract])
+    x2, w2 = x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out))
     if impl == "xla":
-        return jnp.tensordot(x, w, axes=contract)
-    if impl == "pallas":
+        y = jnp.dot(x2, w2)
+    else:
         from pallas_kernels.matmul import matmul
 
-        lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
-        k = math.prod(w.shape[:contract])
-        y = matmul(x.reshape(*lead, k), w.reshape(k, math.prod(out)))
-        return y.reshape(*lead, *out)
-    raise ValueError(f"model.matmul={impl!r} is not one of xla, pallas")
+        y = matmul(x2, w2)
+    return y.reshape(*lead, *out)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
