@@ -97,18 +97,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # one NaN/inf gradient makes the norm NaN/inf
         apply = finite if loss_limit is None else finite & (loss <= loss_limit)
-
-        def update(grads, opt_state, params):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        # Branch, never scale: the skipped branch returns the old arrays exactly. A `lax.cond`
-        # rather than a per-array `jnp.where(apply, new, old)`: with the state donated, the
-        # select reads each old array after its new value has been written over it in place, so
-        # XLA copied all of params and optimizer state every step (issue 7: ~5 % of the
-        # shakespeare_char_cpu step on CPU); the cond's taken branch updates in place.
-        params, opt_state = jax.lax.cond(apply, update, lambda grads, opt_state, params: (params, opt_state),
-                                         grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Select, never scale: the skipped branch returns the old arrays exactly.
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                    "nonfinite": 1.0 - finite.astype(jnp.float32), "skipped": 1.0 - apply.astype(jnp.float32)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
