@@ -13,19 +13,25 @@ and the ratio PyTorch time / jaxlm time (> 1: jaxlm is faster). "step CPU ms" is
 time per step over all its threads: on a machine shared with other work it shows how much of the
 wall time was waiting for a core.
 
-Both run in one process and their timing blocks are interleaved (`--block` steps of one, then of
-the other), so load from other processes on a shared machine hits both alike; medians are of
-per-step times. PyTorch's OpenMP threads are set to wait passively (OMP_WAIT_POLICY=PASSIVE unless
-the environment sets it): with the default spin-waiting, a torch step leaves its threads spinning
-for a while after it returns, which steals the cores from XLA's threads in the same process (and,
-on a loaded 2-core machine, slowed torch itself from 60 ms to 1.5 s per step). Without torch
-installed the PyTorch columns are skipped with a note (`pip install jaxlm[bench]`).
+Each framework runs in a process of its own: jaxlm in this one, PyTorch in a worker process
+(spawned, same thread count) that this one drives through a pipe, so neither framework's thread
+pool competes with the other's inside one process (a jaxlm step timed right after torch steps in
+the same process took 136 ms against 62 ms alone: torch's OpenMP threads keep running after a step
+returns). Their timing blocks are interleaved (`--block` steps of jaxlm, then `--block` steps of
+PyTorch, ...), and only one side runs at a time, so load from other processes on a shared machine
+hits both alike; medians are of per-step times, each timed inside its own process. PyTorch's
+OpenMP threads are set to wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment sets
+it): with the default spin-waiting, a loaded 2-core machine slowed torch itself from 60 ms to
+1.5 s per step. Without torch installed the PyTorch columns are skipped with a note
+(`pip install jaxlm[bench]`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import multiprocessing
 import os
 import platform
 import statistics
@@ -151,17 +157,83 @@ class TorchRunner:
         self._loss().backward()
 
 
-def interleaved(runners: dict[str, Callable[[], None]], n: int, block: int):
-    """Per-call wall times of each runner, `n` calls each, alternating blocks of `block` calls;
-    and per-call process CPU time (all threads), which load from other processes inflates less."""
+def timed_calls(fn: Callable[[], None], k: int) -> tuple[list[float], list[float]]:
+    """Wall time and process CPU time (all threads of this process) of each of `k` calls of fn."""
+    times, cpu = [], []
+    for _ in range(k):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu
+
+
+def _torch_worker_main(conn, case: Case, threads: int) -> None:
+    """The PyTorch worker process: builds the baseline, then answers requests from the bench
+    process until told to stop: ("run", method, k) -> per-call (wall, CPU) times of k calls;
+    ("peak",) -> torch's float32 matmul FLOP/s; ("stop",)."""
+    runner = TorchRunner(case, threads)
+    import torch
+
+    conn.send({"version": torch.__version__, "pid": os.getpid()})
+    while True:
+        msg = conn.recv()
+        if msg[0] == "run":
+            conn.send(timed_calls(getattr(runner, msg[1]), msg[2]))
+        elif msg[0] == "peak":
+            conn.send(torch_matmul_flops())
+        else:
+            conn.close()
+            return
+
+
+class TorchWorker:
+    """The bench process's handle on the PyTorch worker process (see module docstring)."""
+
+    label = "PyTorch"
+    compile_s = 0.0
+
+    def __init__(self, case: Case, threads: int):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no jax, no XLA threads
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_worker_main, args=(child, case, threads), daemon=True)
+        self.proc.start()
+        child.close()
+        hello = self._recv()
+        self.version, self.pid = hello["version"], hello["pid"]
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the PyTorch worker process died (exit code {self.proc.exitcode})") from None
+
+    def timed(self, method: str, k: int) -> tuple[list[float], list[float]]:
+        self.conn.send(("run", method, k))
+        return self._recv()
+
+    def matmul_flops(self) -> float:
+        self.conn.send(("peak",))
+        return self._recv()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop",))
+            self.proc.join(timeout=30)
+        self.conn.close()
+
+
+def interleaved(runners: dict[str, Callable[[int], tuple[list[float], list[float]]]], n: int, block: int):
+    """Per-call wall and CPU times of each runner, `n` calls each, alternating blocks of `block`
+    calls; `runners[k](m)` makes m calls and returns their (wall, CPU) times."""
     times, cpu = {k: [] for k in runners}, {k: [] for k in runners}
     while min(len(t) for t in times.values()) < n:
-        for k, fn in runners.items():
-            for _ in range(min(block, n - len(times[k]))):
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
+        for k, run in runners.items():
+            m = min(block, n - len(times[k]))
+            if m:
+                t, c = run(m)
+                times[k] += t
+                cpu[k] += c
     return times, cpu
 
 
@@ -196,21 +268,39 @@ def machine_line() -> str:
 
 
 def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) -> dict:
-    """Time one case; returns {framework: {step, fwd, bwd (seconds, medians), compile}}."""
-    runners = {"jaxlm": JaxRunner(case, total_steps=max(steps * 4, 100))}
-    if torch_threads:
-        runners["PyTorch"] = TorchRunner(case, torch_threads)
-    out = {k: {"compile": r.compile_s} for k, r in runners.items()}
-    # Whole steps first (the headline), then forward and forward+backward, each interleaved.
-    for what, n in (("step", steps), ("fwd", max(steps // 2, 5)), ("fwd_bwd", max(steps // 2, 5))):
-        attr = {"step": "step", "fwd": "forward", "fwd_bwd": "forward_backward"}[what]
-        times, cpu = interleaved({k: getattr(r, attr) for k, r in runners.items()}, n, block)
-        for k, t in times.items():
-            out[k][what] = statistics.median(t)
-            out[k][what + "_cpu"] = statistics.median(cpu[k])
+    """Time one case; returns {framework: {step, fwd, bwd (seconds, medians), compile, pid}}:
+    jaxlm in this process, PyTorch (with `torch_threads`) in a worker process."""
+    jax_runner = JaxRunner(case, total_steps=max(steps * 4, 100))
+    runners = {"jaxlm": lambda method, k: timed_calls(getattr(jax_runner, method), k)}
+    out = {"jaxlm": {"compile": jax_runner.compile_s, "pid": os.getpid()}}
+    worker = TorchWorker(case, torch_threads) if torch_threads else None
+    try:
+        if worker:
+            runners["PyTorch"] = worker.timed
+            out["PyTorch"] = {"compile": worker.compile_s, "pid": worker.pid}
+        # Whole steps first (the headline), then forward and forward+backward, each interleaved.
+        for what, n in (("step", steps), ("fwd", max(steps // 2, 5)), ("fwd_bwd", max(steps // 2, 5))):
+            method = {"step": "step", "fwd": "forward", "fwd_bwd": "forward_backward"}[what]
+            times, cpu = interleaved({k: (lambda m, r=r: r(method, m)) for k, r in runners.items()}, n, block)
+            for k, t in times.items():
+                out[k][what] = statistics.median(t)
+                out[k][what + "_cpu"] = statistics.median(cpu[k])
+    finally:
+        if worker:
+            worker.close()
     for v in out.values():
         v["bwd"] = v["fwd_bwd"] - v["fwd"]
     return out
+
+
+def torch_worker_peak(threads: int) -> tuple[float, str]:
+    """torch's float32 matmul FLOP/s and version, measured in a short-lived worker process (this
+    process never imports torch)."""
+    worker = TorchWorker(load_case("small"), threads)
+    try:
+        return worker.matmul_flops(), worker.version
+    finally:
+        worker.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,28 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     from train.metrics import measure_cpu_matmul_flops
 
     torch_note, threads = "", None
-    if not args.no_torch:
-        try:
-            import torch
-            threads = usable_cpus()  # XLA's CPU client uses one thread per usable core
-            torch_note = f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-        except ImportError:
-            torch_note = "PyTorch baseline skipped: torch is not installed (pip install 'jaxlm[bench]')"
-    else:
+    if args.no_torch:
         torch_note = "PyTorch baseline skipped (--no-torch)"
+    elif importlib.util.find_spec("torch") is None:
+        torch_note = "PyTorch baseline skipped: torch is not installed (pip install 'jaxlm[bench]')"
+    else:
+        threads = usable_cpus()  # XLA's CPU client uses one thread per usable core
 
     device = jax.devices()[0]
     peak = measure_cpu_matmul_flops() if device.platform == "cpu" else float("nan")
     peak_note = f"XLA {peak / 1e9:.1f} GFLOP/s"
     if threads:
-        tpeak = torch_matmul_flops()
+        tpeak, version = torch_worker_peak(threads)
+        torch_note = (f"torch {version} in a worker process, {threads} threads, "
+                      f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
         peak_note += f", torch {tpeak / 1e9:.1f} GFLOP/s"
         peak = max(peak, tpeak)
     print(f"machine: {machine_line()}")
     print(f"versions: python {platform.python_version()}, jax {jax.__version__}, device {device.device_kind}; {torch_note}")
     print(f"float32 matmul peak (512x512, measured now): {peak_note}; MFU uses the larger")
     print(f"each figure: median over {args.steps} steps (forward, backward: {max(args.steps // 2, 5)}), "
-          f"interleaved in blocks of {args.block}\n")
+          f"interleaved in blocks of {args.block}, each framework in its own process\n")
 
     header = ("| model | batch x seq | framework | step ms | tokens/s | fwd ms | bwd ms | bwd/fwd | MFU | compile s "
               "| step CPU ms | PyTorch/jaxlm step |")

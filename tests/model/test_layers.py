@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.layers import gelu_exact
+from model.layers import dense, gelu_exact, normalize
 
 
 def test_gelu_exact_equals_jax_exact_gelu_in_value_and_gradient():
@@ -17,3 +17,43 @@ def test_gelu_exact_equals_jax_exact_gelu_in_value_and_gradient():
     np.testing.assert_allclose(grad, grad_ref, atol=1e-6)
     # and it is the exact GELU, not the tanh approximation (they differ by ~1e-3 near |x| = 2)
     assert float(jnp.max(jnp.abs(gelu_exact(x) - jax.nn.gelu(x, approximate=True)))) > 1e-4
+
+
+def test_dense_on_2d_operands_equals_tensordot_in_value_and_gradients():
+    """dense multiplies (tokens, in) x (in, out) for XLA:CPU's sake (issue 7); the function and its
+    gradients are tensordot's, to float32 rounding, for one and two contracted axes."""
+    kx, kw = jax.random.split(jax.random.key(0))
+    for x_shape, w_shape, contract in (((3, 8, 16), (16, 4, 5), 1), ((3, 8, 4, 5), (4, 5, 16), 2)):
+        x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+
+        def loss(f):
+            return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+        ours = loss(lambda x, w: dense(x, w, contract=contract))
+        ref = loss(lambda x, w: jnp.tensordot(x, w, axes=contract))
+        np.testing.assert_allclose(dense(x, w, contract=contract), jnp.tensordot(x, w, axes=contract), rtol=1e-5, atol=1e-5)
+        for g, r in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
+            assert g.shape == r.shape
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_normalize_custom_backward_equals_autodiff_of_the_plain_norm():
+    """Norm's closed-form backward (issue 7) gives autodiff's gradients of the plain LayerNorm /
+    RMSNorm formula to float32 rounding, for x, scale and bias."""
+    def plain(x, scale, bias, eps, center):
+        if center:
+            x = x - jnp.mean(x, -1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps) * scale
+        return y if bias is None else y + bias
+
+    k = jax.random.split(jax.random.key(1), 4)
+    x = 3.0 * jax.random.normal(k[0], (3, 5, 16)) + 1.0
+    scale, bias, w = jax.random.normal(k[1], (16,)), jax.random.normal(k[2], (16,)), jax.random.normal(k[3], (3, 5, 16))
+    for center, b in ((True, bias), (False, None)):
+        argnums = (0, 1, 2) if b is not None else (0, 1)
+        np.testing.assert_allclose(normalize(x, scale, b, 1e-5, center), plain(x, scale, b, 1e-5, center), atol=1e-6)
+        ours = jax.grad(lambda *a: jnp.sum(jnp.sin(normalize(*a, 1e-5, center)) * w), argnums)(x, scale, b)
+        ref = jax.grad(lambda *a: jnp.sum(jnp.sin(plain(*a, 1e-5, center)) * w), argnums)(x, scale, b)
+        assert len(ours) == len(argnums)
+        for g, r in zip(ours, ref):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))

@@ -49,13 +49,30 @@ def test_torch_kv_cache_decode_gives_jaxlm_sampler_tokens(models):
     assert got == expected
 
 
-def test_bench_case_times_both_frameworks():
+def test_bench_case_times_both_frameworks_each_in_its_own_process():
+    import os
+
     case = bench.Case("tiny", CFG, OptimConfig(warmup_steps=2), batch=2, seq=16)
     res = bench.bench_case(case, steps=2, block=1, torch_threads=1)
     assert set(res) == {"jaxlm", "PyTorch"}
     for r in res.values():
-        assert r["step"] > 0 and r["fwd"] > 0 and r["fwd_bwd"] > 0
+        assert r["step"] > 0 and r["fwd"] > 0 and r["fwd_bwd"] > 0 and r["step_cpu"] > 0
     assert res["jaxlm"]["compile"] > 0
+    assert res["jaxlm"]["pid"] == os.getpid() and res["PyTorch"]["pid"] != os.getpid()
+
+
+def test_interleaved_alternates_blocks_and_collects_every_call():
+    calls = []
+
+    def runner(name):
+        def run(m):
+            calls.append((name, m))
+            return [0.001] * m, [0.002] * m
+        return run
+
+    times, cpu = bench.interleaved({"a": runner("a"), "b": runner("b")}, n=5, block=2)
+    assert calls == [("a", 2), ("b", 2), ("a", 2), ("b", 2), ("a", 1), ("b", 1)]
+    assert all(len(t) == 5 for t in times.values()) and cpu["a"] == [0.002] * 5
 
 
 def test_torch_train_step_lowers_the_loss():
