@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import ModelConfig
+from model.config import MATMUL_IMPLS, ModelConfig
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], cfg: ModelConfig,
@@ -38,8 +38,8 @@ def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> j
     the backward pass, x^T dy, contracts one axis, which XLA:CPU's matmul takes as it is, instead
     of the (B, L) pair of a 3-D x, which it first copies into a transposed 2-D buffer (issue 7:
     train step 103 -> 93 ms on the shakespeare_char_cpu model, same gradients)."""
-    if impl not in ("xla", "pallas"):
-        raise ValueError(f"model.matmul={impl!r} is not one of xla, pallas")
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"model.matmul={impl!r} is not one of {', '.join(MATMUL_IMPLS)}")
     lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
     k = math.prod(w.shape[:contract])
     x2, w2 = x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out))

@@ -181,8 +181,8 @@ class Transformer(nnx.Module):
                     return layer(x, i, p)[0], None
                 x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.n_layers), block_params))
             else:
-                for i in range(cfg.n_layers):
-                    x, _ = layer(x, i, jax.tree.map(lambda p: p[i], block_params))
+                for i, p in enumerate(per_layer_params(block_params, cfg.n_layers)):
+                    x, _ = layer(x, i, p)
         else:
             # The whole cache rides in the loop carry; each block writes its new slots into it in place.
             def body(carry, xs):
@@ -191,17 +191,14 @@ class Transformer(nnx.Module):
                 x, (ks, vs) = layer(x, i, p, ks, vs)
                 return (x, ks, vs), None
 
-            if layer_params is not None:
-                carry = (x, cache.k, cache.v)
-                for i in range(cfg.n_layers):
-                    carry, _ = body(carry, (i, layer_params[i]))
-                x, ks, vs = carry
-            elif cfg.scan_layers:
+            if cfg.scan_layers and layer_params is None:
                 (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (jnp.arange(cfg.n_layers), block_params))
             else:
+                if layer_params is None:
+                    layer_params = per_layer_params(block_params, cfg.n_layers)
                 carry = (x, cache.k, cache.v)
-                for i in range(cfg.n_layers):
-                    carry, _ = body(carry, (i, jax.tree.map(lambda p: p[i], block_params)))
+                for i, p in enumerate(layer_params):
+                    carry, _ = body(carry, (i, p))
                 x, ks, vs = carry
             cache = KVCache(ks, vs, kv_positions, cache.index + L)
 
@@ -211,10 +208,15 @@ class Transformer(nnx.Module):
         return logits, cache
 
 
+def per_layer_params(block_params, n_layers: int) -> list:
+    """Stacked block parameters (leading `layers` axis) cut into one tree per layer."""
+    return [jax.tree.map(lambda p: p[i], block_params) for i in range(n_layers)]
+
+
 def split_layers(model: Transformer) -> list:
-    """The blocks' stacked parameters cut into one tree per layer (see `Transformer.__call__`)."""
+    """The model's blocks' parameters cut per layer, once (see `Transformer.__call__`)."""
     _, block_params = nnx.split(model.blocks)
-    return [jax.tree.map(lambda p: p[i], block_params) for i in range(model.cfg.n_layers)]
+    return per_layer_params(block_params, model.cfg.n_layers)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None,
