@@ -57,3 +57,20 @@ def test_normalize_custom_backward_equals_autodiff_of_the_plain_norm():
         assert len(ours) == len(argnums)
         for g, r in zip(ours, ref):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_attention_softmax_custom_backward_equals_autodiff_of_jax_softmax():
+    from model.attention import softmax
+
+    k1, k2 = jax.random.split(jax.random.key(3))
+    scores = 4.0 * jax.random.normal(k1, (3, 2, 2, 16, 16), jnp.float32)
+    # masked entries as the attention writes them (causal: the upper triangle), where probs are 0
+    causal = jnp.tril(jnp.ones((16, 16), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    w = jax.random.normal(k2, scores.shape, jnp.float32)
+    np.testing.assert_array_equal(softmax(scores), jax.nn.softmax(scores, axis=-1))
+    grad = jax.grad(lambda s: jnp.sum(softmax(s) * w))(scores)
+    grad_ref = jax.grad(lambda s: jnp.sum(jax.nn.softmax(s, axis=-1) * w))(scores)
+    # float32: the row sums sum(g * y) are accumulated in a different order
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(jnp.where(causal, 0.0, grad)))) == 0.0  # masked scores get no gradient
