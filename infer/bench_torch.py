@@ -7,7 +7,11 @@ the same model decoding with a KV cache in eager PyTorch.
 Both decode greedily with the same weights (copied from the jaxlm model into the PyTorch one), so
 they compute the same tokens; the table gives the median wall time of one whole generate call
 (prefill + decode) and new tokens per second, timed in interleaved rounds so that load from
-other processes hits both alike. jaxlm's first call (compile) is reported apart.
+other processes hits both alike. jaxlm's first call (compile) is reported apart. As in
+train.bench, jaxlm runs in this process and PyTorch in a spawned worker process of its own (same
+thread count, torch's default OpenMP wait policy unless OMP_WAIT_POLICY is set: see
+train/bench.py), so neither framework's threads slow the other: in one process the two disturbed
+each other by up to 3x from run to run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,28 @@ import statistics
 import sys
 import time
 
-from train.bench import RECIPES, load_case, machine_line, usable_cpus
+from train.bench import RECIPES, TorchWorker, interleaved, load_case, machine_line, timed_calls, usable_cpus
+
+
+class TorchDecodeRunner:
+    """Built inside the PyTorch worker process: the baseline model with jaxlm's weights
+    (`params`: the pure dict as numpy arrays) decoding `prompts` greedily with its KV cache."""
+
+    def __init__(self, cfg, params, prompts, n_new: int, threads: int):
+        import torch
+
+        from train import torch_baseline
+
+        torch.set_num_threads(threads)
+        self.tb, self.n_new = torch_baseline, n_new
+        self.model = torch_baseline.load_jaxlm_params(torch_baseline.TorchGPT(cfg), params)
+        self.prompt = torch.from_numpy(prompts)
+
+    def generate(self):
+        return self.tb.generate_greedy(self.model, self.prompt, self.n_new)
+
+    def tokens(self) -> list[list[int]]:
+        return self.generate().tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch, args.prompt_len, args.rounds) < 1 or args.new_tokens < 0:
         parser.exit(2, "python -m infer.bench_torch: error: --batch, --prompt-len, --rounds must be >= 1, --new-tokens >= 0\n")
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train/bench.py: spinning OpenMP threads steal XLA's cores
+    import importlib.util
+
     import jax
     import numpy as np
     from flax import nnx
@@ -46,22 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     from infer.sampler import Sampler
     from model.transformer import build_model
 
-    try:
-        import torch
-
-        from train import torch_baseline
-        threads = usable_cpus()
-        torch.set_num_threads(threads)
-        torch_note = f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-    except ImportError:
-        torch = None
+    threads = usable_cpus()
+    if importlib.util.find_spec("torch") is None:
         torch_note = "PyTorch baseline skipped: torch is not installed (pip install 'jaxlm[bench]')"
+        threads = 0
+    else:
+        torch_note = (f"torch in a worker process, {threads} threads, "
+                      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (torch default)')}")
 
     print(f"machine: {machine_line()}")
     print(f"versions: python {platform.python_version()}, jax {jax.__version__}, device {jax.devices()[0].device_kind}; {torch_note}")
-    print(f"greedy decoding, median over {args.rounds} interleaved generate calls\n")
-    print("| model | batch | prompt + new | framework | generate ms | new tokens/s | compile s | PyTorch/jaxlm time | same tokens |")
-    print("|" + " --- |" * 9)
+    print(f"greedy decoding, median over {args.rounds} interleaved generate calls, each framework in its own process\n")
+    print("| model | batch | prompt + new | framework | generate ms | new tokens/s | compile s | CPU ms "
+          "| PyTorch/jaxlm time | same tokens |")
+    print("|" + " --- |" * 10)
     for key in keys:
         cfg = load_case(key).model
         n_new = args.new_tokens or cfg.max_seq_len - args.prompt_len
@@ -78,31 +102,25 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         jax_tokens = run_jax()
         compile_s = time.perf_counter() - t0
-        runners = {"jaxlm": run_jax}
-        same = ""
-        if torch is not None:
-            tmodel = torch_baseline.load_jaxlm_params(torch_baseline.TorchGPT(cfg), nnx.to_pure_dict(nnx.state(model)))
-            tprompt = torch.from_numpy(prompts)
-
-            def run_torch():
-                return torch_baseline.generate_greedy(tmodel, tprompt, n_new)
-
-            torch_tokens = run_torch().tolist()
-            agree = np.mean(np.asarray(torch_tokens) == np.asarray(jax_tokens))
+        runners = {"jaxlm": lambda m: timed_calls(run_jax, m)}
+        same, worker = "", None
+        if threads:
+            params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+            worker = TorchWorker(TorchDecodeRunner, cfg, params, prompts, n_new, threads)
+            agree = np.mean(np.asarray(worker.call("tokens")) == np.asarray(jax_tokens))
             same = f"{agree:.0%}"
-            runners["PyTorch"] = run_torch
-        times = {k: [] for k in runners}
-        for _ in range(args.rounds):
-            for k, fn in runners.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+            runners["PyTorch"] = lambda m: worker.timed("generate", m)
+        try:
+            times, cpu = interleaved(runners, args.rounds, block=1)
+        finally:
+            if worker:
+                worker.close()
         med = {k: statistics.median(v) for k, v in times.items()}
         for k, m in med.items():
             ratio = f"{med['PyTorch'] / med['jaxlm']:.2f}x" if k == "jaxlm" and "PyTorch" in med else ""
             print(f"| {key} | {args.batch} | {args.prompt_len} + {n_new} | {k} | {m * 1e3:.1f} | "
-                  f"{args.batch * n_new / m:,.0f} | {f'{compile_s:.1f}' if k == 'jaxlm' else 'eager'} | {ratio} | "
-                  f"{same if k == 'jaxlm' else ''} |", flush=True)
+                  f"{args.batch * n_new / m:,.0f} | {f'{compile_s:.1f}' if k == 'jaxlm' else 'eager'} | "
+                  f"{statistics.median(cpu[k]) * 1e3:.1f} | {ratio} | {same if k == 'jaxlm' else ''} |", flush=True)
     print(f"\nload average after: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -19,11 +19,17 @@ pool competes with the other's inside one process (a jaxlm step timed right afte
 the same process took 136 ms against 62 ms alone: torch's OpenMP threads keep running after a step
 returns). Their timing blocks are interleaved (`--block` steps of jaxlm, then `--block` steps of
 PyTorch, ...), and only one side runs at a time, so load from other processes on a shared machine
-hits both alike; medians are of per-step times, each timed inside its own process. PyTorch's
-OpenMP threads are set to wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment sets
-it): with the default spin-waiting, a loaded 2-core machine slowed torch itself from 60 ms to
-1.5 s per step. Without torch installed the PyTorch columns are skipped with a note
-(`pip install jaxlm[bench]`).
+hits both alike; medians are of per-step times, each timed inside its own process.
+
+PyTorch's OpenMP threads keep torch's own default waiting policy (spin briefly, then sleep) unless
+the environment sets OMP_WAIT_POLICY; the header prints which. That default is torch at its best
+on an idle machine: a 2-thread baseline step of the shakespeare_char_cpu model took 30-36 ms with
+it and 61 ms with OMP_WAIT_POLICY=PASSIVE (each OpenMP region then waits for sleeping threads to
+wake), and greedy decoding 36 against 188 ms. An earlier version of this benchmark forced PASSIVE
+and so reported ratios against a baseline twice slower than torch can run (see
+experiments/results.md, issue 7). On a machine shared with other work, spinning threads compete
+for cores: there, set OMP_WAIT_POLICY=PASSIVE yourself and say so with the figures. Without torch
+installed the PyTorch columns are skipped with a note (`pip install jaxlm[bench]`).
 """
 
 from __future__ import annotations
@@ -168,11 +174,12 @@ def timed_calls(fn: Callable[[], None], k: int) -> tuple[list[float], list[float
     return times, cpu
 
 
-def _torch_worker_main(conn, case: Case, threads: int) -> None:
-    """The PyTorch worker process: builds the baseline, then answers requests from the bench
-    process until told to stop: ("run", method, k) -> per-call (wall, CPU) times of k calls;
-    ("peak",) -> torch's float32 matmul FLOP/s; ("stop",)."""
-    runner = TorchRunner(case, threads)
+def _torch_worker_main(conn, factory: Callable, args: tuple) -> None:
+    """The PyTorch worker process: builds `factory(*args)` (a runner whose methods run torch
+    work), then answers requests from the parent process until told to stop:
+    ("run", method, k) -> per-call (wall, CPU) times of k calls; ("call", method) -> the method's
+    result; ("peak",) -> torch's float32 matmul FLOP/s; ("stop",)."""
+    runner = factory(*args)
     import torch
 
     conn.send({"version": torch.__version__, "pid": os.getpid()})
@@ -180,6 +187,8 @@ def _torch_worker_main(conn, case: Case, threads: int) -> None:
         msg = conn.recv()
         if msg[0] == "run":
             conn.send(timed_calls(getattr(runner, msg[1]), msg[2]))
+        elif msg[0] == "call":
+            conn.send(getattr(runner, msg[1])())
         elif msg[0] == "peak":
             conn.send(torch_matmul_flops())
         else:
@@ -188,15 +197,17 @@ def _torch_worker_main(conn, case: Case, threads: int) -> None:
 
 
 class TorchWorker:
-    """The bench process's handle on the PyTorch worker process (see module docstring)."""
+    """The bench process's handle on a PyTorch worker process (see module docstring): the runner
+    `factory(*args)` lives in a freshly spawned interpreter (no jax, no XLA threads); factory and
+    args must pickle (a module-level class and plain data)."""
 
     label = "PyTorch"
     compile_s = 0.0
 
-    def __init__(self, case: Case, threads: int):
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no jax, no XLA threads
+    def __init__(self, factory: Callable, *args):
+        ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_torch_worker_main, args=(child, case, threads), daemon=True)
+        self.proc = ctx.Process(target=_torch_worker_main, args=(child, factory, args), daemon=True)
         self.proc.start()
         child.close()
         hello = self._recv()
@@ -210,6 +221,10 @@ class TorchWorker:
 
     def timed(self, method: str, k: int) -> tuple[list[float], list[float]]:
         self.conn.send(("run", method, k))
+        return self._recv()
+
+    def call(self, method: str):
+        self.conn.send(("call", method))
         return self._recv()
 
     def matmul_flops(self) -> float:
@@ -273,7 +288,7 @@ def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) ->
     jax_runner = JaxRunner(case, total_steps=max(steps * 4, 100))
     runners = {"jaxlm": lambda method, k: timed_calls(getattr(jax_runner, method), k)}
     out = {"jaxlm": {"compile": jax_runner.compile_s, "pid": os.getpid()}}
-    worker = TorchWorker(case, torch_threads) if torch_threads else None
+    worker = TorchWorker(TorchRunner, case, torch_threads) if torch_threads else None
     try:
         if worker:
             runners["PyTorch"] = worker.timed
@@ -296,7 +311,7 @@ def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) ->
 def torch_worker_peak(threads: int) -> tuple[float, str]:
     """torch's float32 matmul FLOP/s and version, measured in a short-lived worker process (this
     process never imports torch)."""
-    worker = TorchWorker(load_case("small"), threads)
+    worker = TorchWorker(TorchRunner, load_case("small"), threads)
     try:
         return worker.matmul_flops(), worker.version
     finally:
@@ -320,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.block < 1 or args.batch_large < 1:
         parser.exit(2, "python -m train.bench: error: --steps, --block and --batch-large must be >= 1\n")
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime (see docstring)
     import jax
 
     from train.metrics import measure_cpu_matmul_flops
@@ -339,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         tpeak, version = torch_worker_peak(threads)
         torch_note = (f"torch {version} in a worker process, {threads} threads, "
-                      f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+                      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (torch default)')}")
         peak_note += f", torch {tpeak / 1e9:.1f} GFLOP/s"
         peak = max(peak, tpeak)
     print(f"machine: {machine_line()}")

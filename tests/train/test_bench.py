@@ -94,3 +94,14 @@ def test_bench_clis_reject_bad_arguments_with_exit_code_2(module, args, capsys):
         importlib.import_module(module).main(args)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_decode_bench_runs_torch_in_a_worker_and_both_produce_the_same_tokens(capsys):
+    from infer import bench_torch
+
+    assert bench_torch.main(["--rounds", "2", "--new-tokens", "6"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| small")]
+    assert [r.split("|")[4].strip() for r in rows] == ["jaxlm", "PyTorch"]
+    jax_row = [c.strip() for c in rows[0].split("|")]
+    assert jax_row[-2] == "100%"  # same greedy tokens from both frameworks
+    assert float(jax_row[5]) > 0 and jax_row[9].endswith("x")  # generate ms, PyTorch/jaxlm ratio
