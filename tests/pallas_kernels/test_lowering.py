@@ -25,6 +25,14 @@ def test_kernels_lower_to_the_hardware_compiler(backend, monkeypatch):
         pytest.skip("cross-platform lowering check, run from a CPU")
     target, custom_call = TARGETS[backend]
     monkeypatch.setattr(platform, "device_platform", lambda: backend)  # compiled kernels, not the interpreter
+    if backend == "gpu":  # jax >= 0.11 reads the GPU's compute capability from the device: lower for an H100
+        try:
+            from jax._src.pallas.triton import gpu_info
+        except ImportError:  # jax 0.10: the Triton lowering needs no device
+            gpu_info = None
+        if gpu_info is not None:
+            monkeypatch.setitem(gpu_info.registry, jax.devices()[0].device_kind,
+                                lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
     if backend == "tpu":  # Mosaic reads the chip's tiling from the device kind: lower for a v5e
         from jax._src.pallas.mosaic import tpu_info
 
