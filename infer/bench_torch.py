@@ -23,7 +23,8 @@ import statistics
 import sys
 import time
 
-from train.bench import RECIPES, TorchWorker, interleaved, load_case, machine_line, timed_calls, usable_cpus
+from train.bench import (RECIPES, TorchWorker, interleaved, load_case, machine_line, timed_calls, torch_worker_note,
+                         usable_cpus)
 
 
 class TorchDecodeRunner:
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_note = "PyTorch baseline skipped: torch is not installed (pip install 'jaxlm[bench]')"
         threads = 0
     else:
-        torch_note = (f"torch in a worker process, {threads} threads, "
-                      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (torch default)')}")
+        torch_note = torch_worker_note(threads)
 
     print(f"machine: {machine_line()}")
     print(f"versions: python {platform.python_version()}, jax {jax.__version__}, device {jax.devices()[0].device_kind}; {torch_note}")

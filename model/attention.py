@@ -44,7 +44,7 @@ def softmax(scores: jax.Array) -> jax.Array:
 
 
 def _softmax_fwd(scores):
-    probs = softmax(scores)
+    probs = jax.nn.softmax(scores, axis=-1)
     return probs, probs
 
 

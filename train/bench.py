@@ -89,8 +89,6 @@ def random_batch(case: Case, seed: int = 0):
 class JaxRunner:
     """jaxlm's own train step (train/step.py) and its forward / forward+backward, jitted."""
 
-    label = "jaxlm"
-
     def __init__(self, case: Case, total_steps: int):
         import jax
         import jax.numpy as jnp
@@ -127,9 +125,6 @@ class JaxRunner:
 
 class TorchRunner:
     """The same model and AdamW in eager PyTorch (train/torch_baseline.py)."""
-
-    label = "PyTorch"
-    compile_s = 0.0
 
     def __init__(self, case: Case, threads: int):
         import torch
@@ -200,9 +195,6 @@ class TorchWorker:
     """The bench process's handle on a PyTorch worker process (see module docstring): the runner
     `factory(*args)` lives in a freshly spawned interpreter (no jax, no XLA threads); factory and
     args must pickle (a module-level class and plain data)."""
-
-    label = "PyTorch"
-    compile_s = 0.0
 
     def __init__(self, factory: Callable, *args):
         ctx = multiprocessing.get_context("spawn")
@@ -292,7 +284,7 @@ def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) ->
     try:
         if worker:
             runners["PyTorch"] = worker.timed
-            out["PyTorch"] = {"compile": worker.compile_s, "pid": worker.pid}
+            out["PyTorch"] = {"compile": 0.0, "pid": worker.pid}  # eager: nothing to compile
         # Whole steps first (the headline), then forward and forward+backward, each interleaved.
         for what, n in (("step", steps), ("fwd", max(steps // 2, 5)), ("fwd_bwd", max(steps // 2, 5))):
             method = {"step": "step", "fwd": "forward", "fwd_bwd": "forward_backward"}[what]
@@ -306,6 +298,13 @@ def bench_case(case: Case, steps: int, block: int, torch_threads: int | None) ->
     for v in out.values():
         v["bwd"] = v["fwd_bwd"] - v["fwd"]
     return out
+
+
+def torch_worker_note(threads: int, version: str = "") -> str:
+    """The header's description of the PyTorch worker (both benchmarks)."""
+    torch = f"torch {version}".rstrip()
+    return (f"{torch} in a worker process, {threads} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (torch default)')}")
 
 
 def torch_worker_peak(threads: int) -> tuple[float, str]:
@@ -352,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_note = f"XLA {peak / 1e9:.1f} GFLOP/s"
     if threads:
         tpeak, version = torch_worker_peak(threads)
-        torch_note = (f"torch {version} in a worker process, {threads} threads, "
-                      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (torch default)')}")
+        torch_note = torch_worker_note(threads, version)
         peak_note += f", torch {tpeak / 1e9:.1f} GFLOP/s"
         peak = max(peak, tpeak)
     print(f"machine: {machine_line()}")
