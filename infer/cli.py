@@ -89,12 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+
     # Orbax logs routine notes (read-only manager options, ...) as absl warnings; a command's stderr
     # is for what the user must act on.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
+        keep_freed_host_memory()  # before JAX's first computation: see train/host_memory.py
         return args.func(args)
-    except UserError as e:
+    except (UserError, HostMemorySettingError) as e:
         print(f"python -m infer {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -12,3 +12,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# As the jaxlm commands do, before JAX's first computation: XLA:CPU's per-call buffers then come
+# from memory the process keeps instead of fresh, page-faulting mmaps (train/host_memory.py).
+from train.host_memory import keep_freed_host_memory  # noqa: E402
+
+keep_freed_host_memory()

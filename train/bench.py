@@ -334,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.block < 1 or args.batch_large < 1:
         parser.exit(2, "python -m train.bench: error: --steps, --block and --batch-large must be >= 1\n")
 
+    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+
+    try:
+        host_memory = keep_freed_host_memory()  # before JAX's first computation
+    except HostMemorySettingError as e:
+        parser.exit(2, f"python -m train.bench: error: {e}\n")
     import jax
 
     from train.metrics import measure_cpu_matmul_flops
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = max(peak, tpeak)
     print(f"machine: {machine_line()}")
     print(f"versions: python {platform.python_version()}, jax {jax.__version__}, device {device.device_kind}; {torch_note}")
+    print(f"jaxlm keeps freed host memory (train/host_memory.py): {host_memory}")
     print(f"float32 matmul peak (512x512, measured now): {peak_note}; MFU uses the larger")
     print(f"each figure: median over {args.steps} steps (forward, backward: {max(args.steps // 2, 5)}), "
           f"interleaved in blocks of {args.block}, each framework in its own process\n")

@@ -1,0 +1,110 @@
+"""Keep freed host memory in the process, so XLA:CPU's per-call buffers do not page-fault every step.
+
+XLA:CPU allocates an executable's temporaries afresh on every call: 48 MB for the train step of
+the shakespeare_char_cpu model, ~270 MB for the 6 x 384 model at batch 4 x 256. glibc's malloc
+serves blocks that large with a fresh `mmap` and gives them back with `munmap` when freed, so every
+step writes to brand-new pages and the kernel zero-fills each one on first touch: ~13,000 minor page
+faults (52 MB) per step of the small model, ~80,000 of the larger one, a quarter of the step time
+or more (issue 7, experiments/results.md).
+
+`keep_freed_host_memory()` sets three glibc malloc parameters (mallopt(3)):
+- M_ARENA_MAX=1: every thread allocates from the main arena. XLA's worker threads otherwise get
+  arenas of their own, whose heaps hold at most 64 MB and so fall back to mmap for anything larger,
+  whatever M_MMAP_MAX says.
+- M_MMAP_MAX=0: large blocks come from the heap, not from mmap.
+- M_TRIM_THRESHOLD=2 GiB - 1 (the largest mallopt takes): free memory at the top of the heap stays
+  with the process up to that size instead of going back to the OS, ready for the next step.
+
+The cost is resident memory: the heap grows over the first steps until each step's blocks fit into
+memory freed by the step before, then stays. Measured (`python -m train.bench`'s models): the small
+model's process settled at ~0.7 GB either way; the 6 x 384 model's at 1.7 GB instead of 1.15 GB
+(after ~20 steps). Set JAXLM_KEEP_HOST_MEMORY=0 to keep glibc's defaults.
+
+It only concerns XLA:CPU: when JAX_PLATFORMS names another platform, or (JAX_PLATFORMS unset) a
+GPU or TPU plugin is installed, it leaves malloc alone; the accelerators' memory is not malloc's and
+one arena for all host threads would be a point of contention on a large host.
+
+Call it before JAX's first computation: threads that already have an arena of their own keep it.
+The jaxlm commands (`python -m train`, `python -m infer`, the benchmarks) and the test suite call
+it first thing; in a notebook, call it in the first cell. Elsewhere (macOS, musl) it does nothing.
+PyTorch needs no such setting: its eager CPU step made ~250 page faults with glibc's defaults and
+ran no faster with these (see train/bench.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+
+ENV = "JAXLM_KEEP_HOST_MEMORY"
+
+# mallopt(3) parameter numbers, from glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+
+_status: str | None = None
+
+
+class HostMemorySettingError(ValueError):
+    """JAXLM_KEEP_HOST_MEMORY holds something other than 1 or 0."""
+
+
+def _glibc():
+    """The C library if it is glibc (it has mallopt and gnu_get_libc_version), else None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")):
+        return None
+    return libc
+
+
+def _accelerator() -> str | None:
+    """Why JAX will not (only) run on the CPU here, or None: JAX_PLATFORMS names another platform,
+    or it is unset and a GPU/TPU plugin is installed (libtpu, or a `jax_plugins` entry point such
+    as jax-cuda12-plugin's)."""
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return None if set(platforms) == {"cpu"} else f"JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}"
+    if importlib.util.find_spec("libtpu") is not None:
+        return "libtpu is installed"
+    plugins = sorted({ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")})
+    return f"JAX plugin {', '.join(plugins)} is installed" if plugins else None
+
+
+def keep_freed_host_memory() -> str:
+    """Apply the malloc settings above once per process; returns what was done, for logs and
+    benchmark headers: 'on (glibc X)', 'off (JAXLM_KEEP_HOST_MEMORY=0)', 'not needed (...)' or
+    'unavailable (...)'."""
+    global _status
+    if _status is not None:
+        return _status
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        _status = f"off ({ENV}={os.environ[ENV]})"
+        return _status
+    if value not in ("1", "true", "yes", "on"):
+        raise HostMemorySettingError(f"{ENV}={os.environ[ENV]!r}: use 1 (keep freed host memory, the default) "
+                                     "or 0 (glibc's defaults)")
+    accelerator = _accelerator()
+    if accelerator is not None:
+        _status = f"not needed ({accelerator}: XLA:CPU's buffers are not the ones that matter)"
+        return _status
+    libc = _glibc()
+    if libc is None:
+        _status = "unavailable (the C library is not glibc)"
+        return _status
+    failed = [param for param, setting in SETTINGS if libc.mallopt(param, setting) != 1]
+    libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    version = libc.gnu_get_libc_version().decode()
+    _status = f"on (glibc {version})" if not failed else f"partly (glibc {version} refused mallopt {failed})"
+    return _status
