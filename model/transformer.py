@@ -79,7 +79,7 @@ class Block(nnx.Module):
         if dropout_key is not None:
             attn_key, mlp_key = jax.random.split(dropout_key)
         h = self.attn_norm(x)
-        k, v = self.attn.project_kv(h, positions)  # (B, L, K, Dh)
+        q, k, v = self.attn.project_qkv(h, positions)  # (B, L, H, Dh), (B, L, K, Dh) x 2
         if cache_kv is None:
             kv_positions = positions
             # Sequence parallelism: queries stay split over the sequence shards, keys/values are
@@ -97,7 +97,7 @@ class Block(nnx.Module):
             # the (B, S, K, Dh) views attention takes; its dots read them as stored (a contiguous slice)
             k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False).transpose(0, 2, 1, 3)
             v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False).transpose(0, 3, 1, 2)
-        x = x + self.attn(h, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
+        x = x + self.attn(q, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
         x = with_logical_constraint(x, ("batch", "seq", None))
         return x, ((k, v) if cache_kv is None else (ks, vs))

@@ -137,3 +137,16 @@ def with_logical_constraint(x, axes: tuple[str | None, ...]):
     if not rules or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
+
+
+def is_sharded(logical: str) -> bool:
+    """Whether, under the active mesh and rules (as `with_logical_constraint` reads them), the
+    logical axis is split over a mesh axis of more than one device."""
+    import jax
+    from flax.core import spmd
+
+    rules = spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return False
+    return any(mesh.shape[a] > 1 for a in mesh_axes_of(logical, rules) if a in mesh.shape)

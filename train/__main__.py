@@ -27,14 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from train.host_memory import HostMemorySettingError, keep_freed_host_memory
 
     try:
-        host_memory = keep_freed_host_memory()  # before JAX's first computation: see train/host_memory.py
+        keep_freed_host_memory()  # before JAX's first computation: see train/host_memory.py
     except HostMemorySettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("train").info("keep freed host memory: %s", host_memory)
 
     from train.config import ConfigError, load_config
     from train.guard import NonFiniteLossError

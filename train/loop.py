@@ -179,6 +179,10 @@ class Trainer:
         flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * tokens_per_step
         peak, peak_source = peak_flops()
         log.info("peak FLOP/s %.3g (%s)", peak, peak_source)
+        if jax.default_backend() == "cpu":
+            from train.host_memory import keep_freed_host_memory
+
+            log.info("keep freed host memory (train/host_memory.py): %s", keep_freed_host_memory())
         step_times, compile_time = [], None
         t_start = time.perf_counter()
         pbar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (tc.progress and self.is_main),

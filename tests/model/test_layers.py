@@ -74,3 +74,40 @@ def test_attention_softmax_custom_backward_equals_autodiff_of_jax_softmax():
     # float32: the row sums sum(g * y) are accumulated in a different order
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(jnp.where(causal, 0.0, grad)))) == 0.0  # masked scores get no gradient
+
+
+def test_fused_qkv_projection_equals_three_projections_and_is_skipped_under_tensor_parallelism():
+    """project_qkv multiplies by [wq | wk | wv] at once unless heads are sharded; same q, k, v."""
+    import dataclasses
+
+    from flax import nnx
+
+    from model.attention import Attention
+    from model.config import preset
+    from sharding.mesh import make_mesh
+    from sharding.rules import is_sharded, rules_for
+    from train.config import MeshConfig
+
+    cfg = dataclasses.replace(preset("llama-tiny"), bias=True)  # grouped-query heads, RoPE, biases
+    with nnx.use_eager_sharding(False):  # as build_model creates modules
+        attn = Attention(cfg, rngs=nnx.Rngs(0))
+    attn.bq[...] = jax.random.normal(jax.random.key(1), attn.bq.shape)
+    x = jax.random.normal(jax.random.key(2), (2, 8, cfg.d_model), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    q, k, v = attn.project_qkv(x, positions)
+    from model.layers import rope
+
+    q_ref = rope(dense(x, attn.wq[...]) + attn.bq[...], positions, cfg.rope_theta)
+    k_ref = rope(dense(x, attn.wk[...]) + attn.bk[...], positions, cfg.rope_theta)
+    v_ref = dense(x, attn.wv[...]) + attn.bv[...]
+    for got, ref in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)  # float32: matmul blocking may differ
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=2), jax.devices()[:2])
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_for("tp")):
+        assert is_sharded("heads") and not is_sharded("embed")
+        sharded = jax.jit(lambda x: attn.project_qkv(x, positions)).lower(x).as_text()
+    alone = jax.jit(lambda x: attn.project_qkv(x, positions)).lower(x).as_text()
+    assert not is_sharded("heads")
+    assert alone.count("stablehlo.dot_general") == 1  # one matmul for q, k and v
+    assert sharded.count("stablehlo.dot_general") == 3  # the split weights are used apart, never gathered

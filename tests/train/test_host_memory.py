@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +54,12 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert on["status"].startswith("on (glibc ")
     # glibc's defaults: the 48 MB temporaries are fresh mmaps each call, 4 KiB pages zero-filled on
     # first touch: ~12,000 faults per 48 MB, every call.
-    assert min(off["faults"][20:]) > 5000, off
-    # Kept: the heap grows over the first calls (in 144 MB steps here) until each call's blocks fit
-    # into memory an earlier call freed (within ~16 calls in the runs we watched; over 300 calls it
-    # then stayed at 1.27 GB), after which calls do not fault; a rare later call still grows it once.
-    assert sum(f > 1000 for f in on["faults"][20:]) <= 2, on
+    assert min(off["faults"][10:]) > 5000, off
+    # Kept: calls reuse memory earlier calls freed and do not fault. The heap still grows now and
+    # then (a 144 MB step here: blocks freed by XLA's threads in a different order leave holes too
+    # small), mostly over the first ~16 calls, rarely later (5 of calls 20-40 in one run of five;
+    # over 300 calls resident memory settled at 1.27 GB), so the median call is the claim.
+    assert statistics.median(on["faults"][10:]) < 100, on
 
 
 def test_left_alone_when_jax_runs_on_an_accelerator(monkeypatch):
