@@ -30,6 +30,10 @@ and so reported ratios against a baseline twice slower than torch can run (see
 experiments/results.md, issue 7). On a machine shared with other work, spinning threads compete
 for cores: there, set OMP_WAIT_POLICY=PASSIVE yourself and say so with the figures. Without torch
 installed the PyTorch columns are skipped with a note (`pip install jaxlm[bench]`).
+
+This process turns on train/host_memory.py (as `python -m train` does) before JAX starts, and the
+header says so: without it every jaxlm step page-faults in its temporaries afresh. The PyTorch
+worker keeps glibc's defaults: its eager step makes few faults and measured no faster with them.
 """
 
 from __future__ import annotations
