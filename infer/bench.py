@@ -113,12 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--k", type=int, default=4, help="draft tokens per speculative round")
     args = p.parse_args(argv)
-    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+    from train.host_memory import keep_freed_host_memory_or_exit
 
-    try:
-        keep_freed_host_memory()  # before JAX's first computation: see train/host_memory.py
-    except HostMemorySettingError as e:
-        p.exit(2, f"python -m infer.bench: error: {e}\n")
+    keep_freed_host_memory_or_exit("python -m infer.bench")  # before JAX's first computation
 
     if args.run:
         from train.checkpoint import load_for_inference

@@ -66,12 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib.util
 
-    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+    from train.host_memory import keep_freed_host_memory_or_exit
 
-    try:
-        host_memory = keep_freed_host_memory()  # before JAX's first computation
-    except HostMemorySettingError as e:
-        parser.exit(2, f"python -m infer.bench_torch: error: {e}\n")
+    host_memory = keep_freed_host_memory_or_exit("python -m infer.bench_torch")  # before JAX's first computation
     import jax
     import numpy as np
     from flax import nnx

@@ -152,10 +152,10 @@ class Attention(nnx.Module):
         Unless heads are split over devices, the three projections are one matmul against the
         weights side by side, (D, (H + 2K) Dh): on XLA:CPU one larger matmul (and its two backward
         matmuls) instead of three makes a train step of the shakespeare_char_cpu model ~3-4 %
-        faster (issue 7). Each output column is the same dot product either way. The parameters stay three
-        (wq, wk, wv: checkpoints, Hugging Face conversion and sharding rules name them); with heads
-        sharded (tensor parallelism) they are used apart, as concatenating differently split
-        weights would make XLA gather them."""
+        faster (issue 7). Each output column is the same dot product either way. The parameters
+        stay three (wq, wk, wv: checkpoints, Hugging Face conversion and sharding rules name
+        them); with heads sharded (tensor parallelism) they are used apart, as concatenating
+        differently split weights would make XLA gather them."""
         c = jnp.dtype(self.cfg.compute_dtype)
         wq, wk, wv = (w[...].astype(c) for w in (self.wq, self.wk, self.wv))
         if is_sharded("heads") or is_sharded("kv_heads"):

@@ -125,28 +125,36 @@ def unused_mesh_axes(mesh_shape: dict[str, int], rules: Rules) -> list[str]:
     return [a for a, n in mesh_shape.items() if n > 1 and a not in used]
 
 
+def _active_mesh_and_rules():
+    """The abstract mesh and logical-axis rules active while tracing (`jax.set_mesh` +
+    `nnx.logical_axis_rules`), or None when either is absent (model code on one device)."""
+    import jax
+    from flax.core import spmd
+
+    rules = spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return None
+    return mesh, rules
+
+
 def with_logical_constraint(x, axes: tuple[str | None, ...]):
     """Constrain an activation's sharding by logical names under the active mesh and rules
     (`jax.set_mesh` + `nnx.logical_axis_rules`); a no-op when either is absent, so model code
     runs unchanged on one device."""
     import jax
-    from flax.core import spmd
 
-    rules = spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
+    active = _active_mesh_and_rules()
+    if active is None:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, active[1]))
 
 
 def is_sharded(logical: str) -> bool:
-    """Whether, under the active mesh and rules (as `with_logical_constraint` reads them), the
-    logical axis is split over a mesh axis of more than one device."""
-    import jax
-    from flax.core import spmd
-
-    rules = spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
+    """Whether, under the active mesh and rules, the logical axis is split over a mesh axis of
+    more than one device (False on one device)."""
+    active = _active_mesh_and_rules()
+    if active is None:
         return False
+    mesh, rules = active
     return any(mesh.shape[a] > 1 for a in mesh_axes_of(logical, rules) if a in mesh.shape)

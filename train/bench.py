@@ -338,12 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.block < 1 or args.batch_large < 1:
         parser.exit(2, "python -m train.bench: error: --steps, --block and --batch-large must be >= 1\n")
 
-    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+    from train.host_memory import keep_freed_host_memory_or_exit
 
-    try:
-        host_memory = keep_freed_host_memory()  # before JAX's first computation
-    except HostMemorySettingError as e:
-        parser.exit(2, f"python -m train.bench: error: {e}\n")
+    host_memory = keep_freed_host_memory_or_exit("python -m train.bench")  # before JAX's first computation
     import jax
 
     from train.metrics import measure_cpu_matmul_flops

@@ -38,6 +38,7 @@ import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
+import sys
 
 ENV = "JAXLM_KEEP_HOST_MEMORY"
 
@@ -108,3 +109,13 @@ def keep_freed_host_memory() -> str:
     version = libc.gnu_get_libc_version().decode()
     _status = f"on (glibc {version})" if not failed else f"partly (glibc {version} refused mallopt {failed})"
     return _status
+
+
+def keep_freed_host_memory_or_exit(prog: str) -> str:
+    """`keep_freed_host_memory()` for a command line: a bad JAXLM_KEEP_HOST_MEMORY is one line on
+    stderr, `prog: error: ...`, and exit status 2 (as argparse reports a bad argument)."""
+    try:
+        return keep_freed_host_memory()
+    except HostMemorySettingError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

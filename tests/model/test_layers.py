@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.layers import dense, gelu_exact, normalize
+from model.layers import dense, gelu_exact, normalize, rope
 
 
 def test_gelu_exact_equals_jax_exact_gelu_in_value_and_gradient():
@@ -95,8 +95,6 @@ def test_fused_qkv_projection_equals_three_projections_and_is_skipped_under_tens
     x = jax.random.normal(jax.random.key(2), (2, 8, cfg.d_model), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
     q, k, v = attn.project_qkv(x, positions)
-    from model.layers import rope
-
     q_ref = rope(dense(x, attn.wq[...]) + attn.bq[...], positions, cfg.rope_theta)
     k_ref = rope(dense(x, attn.wk[...]) + attn.bk[...], positions, cfg.rope_theta)
     v_ref = dense(x, attn.wv[...]) + attn.bv[...]

@@ -81,3 +81,12 @@ def test_train_command_reports_a_bad_setting_without_a_traceback():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "JAXLM_KEEP_HOST_MEMORY='maybe'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_benchmark_reports_a_bad_setting_in_one_line():
+    env = {**os.environ, host_memory.ENV: "maybe"}
+    out = subprocess.run([sys.executable, "-m", "train.bench", "--no-torch"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("python -m train.bench: error: JAXLM_KEEP_HOST_MEMORY='maybe': use 1 (keep freed "
+                                  "host memory, the default) or 0 (glibc's defaults)")
