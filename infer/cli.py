@@ -139,27 +139,6 @@ def load_checkpoint(run: str, step: int | None):
         raise UserError(f"{run}: the checkpoint's config is invalid: {e}") from None
 
 
-def with_kernels(model, attention: str, matmul: str):
-    """The same parameters under a config with other attention / matmul implementations (they
-    change no parameter, so a checkpoint trained with `pallas` samples with `xla`)."""
-    import dataclasses
-
-    from flax import nnx
-
-    from model.transformer import Transformer
-
-    cfg = dataclasses.replace(model.cfg, attention=attention, matmul=matmul)
-    if cfg == model.cfg:
-        return model
-
-    def init():
-        with nnx.use_eager_sharding(False):
-            return Transformer(cfg, rngs=nnx.Rngs(0))
-
-    graphdef, _ = nnx.split(nnx.eval_shape(init))
-    return nnx.merge(graphdef, nnx.state(model))
-
-
 def check_sampling_kernels(args: argparse.Namespace) -> None:
     if args.attention != "xla":
         raise UserError(f"--attention={args.attention}: the KV-cache sampler attends over a partly filled cache, "
@@ -177,6 +156,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     check_sampling_kernels(args)
     cfg, model, tokenizer, step = load_checkpoint(args.run, args.step)
+    from model.transformer import with_kernels
+
     model = with_kernels(model, args.attention, args.matmul)
     try:
         ids = [int(i) for i in tokenizer.encode(args.prompt)]

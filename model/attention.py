@@ -1,8 +1,9 @@
 """Causal self-attention with grouped-query heads, a KV cache, and the attention-kernel dispatch.
 
 Every attention computation in jaxlm goes through `dot_product_attention(..., impl=cfg.attention)`;
-kernels (Pallas, cuDNN) plug in there, and `xla` (plain jnp, runs everywhere) is the default.
-`pallas` (pallas_kernels.flash_attention) and `cudnn` (jax.nn.dot_product_attention) compute
+kernels (Pallas, cuDNN, the C++ CPU kernel) plug in there, and `xla` (plain jnp, runs everywhere)
+is the default. `pallas` (pallas_kernels.flash_attention), `cudnn` (jax.nn.dot_product_attention)
+and `cpu` (pallas_kernels.cpu_attention, a fused XLA:CPU kernel through the XLA FFI) compute
 full-sequence causal self-attention (training, evaluation, a forward pass without a cache); a
 KV-cache forward (sampling) is an error with them, and `check_kernel_platform` turns a choice the
 device cannot run into a clear error at start-up, never a silent fallback.
@@ -86,6 +87,14 @@ def pallas_attention(q, k, v, positions):
     return flash_attention(q, k, v, causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
 
+def cpu_attention(q, k, v, positions):
+    """The fused XLA:CPU kernel (pallas_kernels.cpu_attention, C++ through the XLA FFI) for causal
+    self-attention over `positions`: exactly causal_mask(positions, positions)."""
+    from pallas_kernels.cpu_attention import cpu_attention as kernel
+
+    return kernel(q, k, v, positions, positions)
+
+
 def cudnn_attention(q, k, v, positions):
     """cuDNN's fused attention through jax.nn.dot_product_attention (GPU only); causal over
     positions 0..L-1 (the training layout). Grouped-query heads are native to it."""
@@ -93,8 +102,8 @@ def cudnn_attention(q, k, v, positions):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention}
-KERNEL_IMPLS = ("pallas", "cudnn")
+ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention, "cpu": cpu_attention}
+KERNEL_IMPLS = ("pallas", "cudnn", "cpu")
 
 
 def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0, dropout_key=None,
@@ -116,9 +125,14 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0,
 
 def check_kernel_platform(cfg: ModelConfig) -> None:
     """Raise ValueError when the device cannot run cfg's attention or matmul implementation
-    (cuDNN needs an NVIDIA GPU; Pallas a GPU or TPU, or JAXLM_PALLAS_INTERPRET on a CPU)."""
+    (cuDNN needs an NVIDIA GPU; Pallas a GPU or TPU, or JAXLM_PALLAS_INTERPRET on a CPU; the CPU
+    kernel a CPU, a head size it is built for and a C++ compiler)."""
     from pallas_kernels import platform
 
+    if cfg.attention == "cpu":
+        from pallas_kernels.cpu_attention import check_cpu_attention
+
+        check_cpu_attention(cfg.head_dim)  # builds the kernel now if this machine has no cached build
     if cfg.attention == "cudnn" and platform.device_platform() != "gpu":
         raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, but the device is "
                          f"{platform.device_platform()!r}; use model.attention='xla' (or 'pallas' on a GPU/TPU)")

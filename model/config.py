@@ -14,7 +14,7 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # see model/attention.py: dot_product_attention
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # see model/attention.py: dot_product_attention
 MATMUL_IMPLS = ("xla", "pallas")  # the dense layers' matmul, see model/layers.py: dense
 
 

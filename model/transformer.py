@@ -208,6 +208,22 @@ class Transformer(nnx.Module):
         return logits, cache
 
 
+def with_kernels(model: Transformer, attention: str, matmul: str = "xla") -> Transformer:
+    """The same parameters under a config with other attention / matmul implementations (they
+    change no parameter: a model trained with a kernel samples with `xla`, the only attention the
+    KV-cache path has)."""
+    cfg = dataclasses.replace(model.cfg, attention=attention, matmul=matmul)
+    if cfg == model.cfg:
+        return model
+
+    def init() -> Transformer:
+        with nnx.use_eager_sharding(False):
+            return Transformer(cfg, rngs=nnx.Rngs(0))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(init))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
 def per_layer_params(block_params, n_layers: int) -> list:
     """Stacked block parameters (leading `layers` axis) cut into one tree per layer."""
     return [jax.tree.map(lambda p: p[i], block_params) for i in range(n_layers)]

@@ -83,6 +83,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.mesh, self.rules = self.build_mesh(cfg)  # a bad mesh fails here, before any data work
+        if cfg.model.attention == "cpu" and self.mesh.size > 1:
+            raise ConfigError(f"model.attention='cpu' is a one-device kernel, but the mesh has {self.mesh.size} "
+                              "devices; use model.attention='xla' with a mesh")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save, keep_every=cfg.checkpoint.keep_every,
                                          min_free_mb=cfg.checkpoint.min_free_mb)
@@ -275,9 +278,11 @@ class Trainer:
 
     def write_samples(self, n: int = 3) -> None:
         from infer.sampler import generate_text
+        from model.transformer import with_kernels
 
         cfg = self.cfg
-        model = nnx.merge(self.graphdef, self.state.params)
+        # the sampler's KV-cache path has only the jnp attention; the parameters are the same
+        model = with_kernels(nnx.merge(self.graphdef, self.state.params), "xla", cfg.model.matmul)
         prompt = cfg.train.sample_prompt or self.data.tokenizer.decode(self.data.val.read(0, 16))
         texts = generate_text(model, self.data.tokenizer, [prompt] * n, max_new_tokens=cfg.train.sample_tokens,
                               temperature=0.8, top_k=0, seed=cfg.train.seed)

@@ -1,5 +1,6 @@
-"""The model's kernel switches: `attention=pallas` (and `matmul=pallas`) give the logits and
-gradients of `attention=xla`; choices the device or the call cannot run are clear errors."""
+"""The model's kernel switches: `attention=pallas` / `attention=cpu` (and `matmul=pallas`) give
+the logits and gradients of `attention=xla`; choices the device or the call cannot run are clear
+errors."""
 
 from __future__ import annotations
 
@@ -41,12 +42,24 @@ def loss_and_grads(cfg, tokens, positions=None):
     return logits, grads
 
 
+def kernel_cfg(name, impl):
+    """TINY[name] with attention=impl; the CPU kernel's case keeps the jnp matmul (the pallas
+    matmul is covered by the pallas case, interpreted)."""
+    cfg = dataclasses.replace(TINY[name], attention=impl)
+    return dataclasses.replace(cfg, matmul="xla") if impl == "cpu" else cfg
+
+
+CPU_ONLY = pytest.mark.skipif(platform.device_platform() != "cpu", reason="the XLA:CPU kernel")
+IMPLS = ["pallas", pytest.param("cpu", marks=CPU_ONLY)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_pallas_logits_and_gradients_equal_xla(name):
-    pallas_cfg = dataclasses.replace(TINY[name], attention="pallas")
-    xla_cfg = dataclasses.replace(pallas_cfg, attention="xla", matmul="xla")
+def test_kernel_logits_and_gradients_equal_xla(name, impl):
+    kernel = kernel_cfg(name, impl)
+    xla_cfg = dataclasses.replace(kernel, attention="xla", matmul="xla")
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 61, dtype=jnp.int32)
-    logits, grads = loss_and_grads(pallas_cfg, tokens)
+    logits, grads = loss_and_grads(kernel, tokens)
     ref_logits, ref_grads = loss_and_grads(xla_cfg, tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=FLOAT32_ATOL, rtol=FLOAT32_ATOL)
     flat, ref_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
@@ -55,23 +68,25 @@ def test_pallas_logits_and_gradients_equal_xla(name):
         np.testing.assert_allclose(g, rg, atol=FLOAT32_ATOL, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
-def test_pallas_left_padding_matches_xla():
-    """Left padding (position -1) is masked out by the pallas path exactly as by the xla one."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_left_padding_matches_xla(impl):
+    """Left padding (position -1) is masked out by the kernel paths exactly as by the xla one."""
     cfg = TINY["llama-gqa"]
     tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 61, dtype=jnp.int32)
     pad = jnp.array([0, 5])[:, None]
     positions = jnp.where(jnp.arange(32)[None] < pad, -1, jnp.arange(32)[None] - pad).astype(jnp.int32)
     graphdef, params = nnx.split(build_model(cfg, seed=0))
     out = {}
-    for impl in ("xla", "pallas"):
-        model = nnx.merge(nnx.split(build_model(dataclasses.replace(cfg, attention=impl), seed=0))[0], params)
-        out[impl] = np.asarray(jax.jit(lambda t, p: model(t, p)[0])(tokens, positions))
+    for name in ("xla", impl):
+        model = nnx.merge(nnx.split(build_model(dataclasses.replace(cfg, attention=name), seed=0))[0], params)
+        out[name] = np.asarray(jax.jit(lambda t, p: model(t, p)[0])(tokens, positions))
     real = np.asarray(positions >= 0)
-    np.testing.assert_allclose(out["pallas"][real], out["xla"][real], atol=FLOAT32_ATOL, rtol=FLOAT32_ATOL)
+    np.testing.assert_allclose(out[impl][real], out["xla"][real], atol=FLOAT32_ATOL, rtol=FLOAT32_ATOL)
 
 
-def test_kernel_attention_with_kv_cache_is_a_clear_error():
-    cfg = dataclasses.replace(TINY["llama-gqa"], attention="pallas")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_attention_with_kv_cache_is_a_clear_error(impl):
+    cfg = dataclasses.replace(TINY["llama-gqa"], attention=impl)
     model = build_model(cfg, seed=0)
     cache = KVCache.init(cfg, batch=1, length=16)
     with pytest.raises(ValueError, match="cannot attend over a KV cache.*--attention xla"):
@@ -91,6 +106,9 @@ def test_platform_check_names_the_setting(monkeypatch):
     monkeypatch.setenv(platform.ENV_VAR, "gpu")  # the interpreter, asked for explicitly
     check_kernel_platform(dataclasses.replace(base, attention="pallas", matmul="pallas"))
     check_kernel_platform(base)
+    check_kernel_platform(dataclasses.replace(base, attention="cpu"))  # head_dim 16: built for it
+    with pytest.raises(ValueError, match=r"model.attention='cpu' supports head_dim in .*not 24"):
+        check_kernel_platform(preset("gpt2-nano", vocab_size=61, d_model=48, n_heads=2, attention="cpu"))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -2,10 +2,12 @@
 DESIGN.md promises, and an interrupted run resumes from its checkpoint to the same result."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -143,3 +145,24 @@ def test_cli_resumes_a_run_directory_and_extends_it(uninterrupted, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 20 and summary["resumed_from_step"] == 16
     assert "done: step 20" in r.stdout
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the XLA:CPU attention kernel")
+def test_run_with_the_cpu_attention_kernel(uninterrupted, tmp_path):
+    """model.attention=cpu trains to the loss of the jnp attention (float32 rounding apart) and
+    still writes samples (the sampler's KV-cache path switches to the jnp attention). It runs on
+    one device: `python -m train` in a process with one CPU device (as on any machine without
+    XLA_FLAGS); here, with the suite's eight, a mesh of several is a config error before any work."""
+    _, reference = uninterrupted
+    experiment = tmp_path / "cpu.yaml"
+    experiment.write_text(tiny_config(tmp_path, "cpu", "model.attention=cpu").to_yaml())
+    env = {**os.environ, "XLA_FLAGS": ""}
+    r = subprocess.run([sys.executable, "-m", "train", str(experiment)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
+    assert abs(summary["val_loss"] - reference["val_loss"]) < 1e-3, (summary["val_loss"], reference["val_loss"])
+    assert (tmp_path / "cpu" / "samples.txt").read_text().strip()
+    if len(jax.devices()) > 1:
+        with pytest.raises(ConfigError, match="model.attention='cpu' is a one-device kernel"):
+            Trainer(tiny_config(tmp_path, "cpu-mesh", "model.attention=cpu"))
