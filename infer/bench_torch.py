@@ -17,6 +17,7 @@ each other by up to 3x from run to run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
           "| PyTorch/jaxlm time | same tokens |")
     print("|" + " --- |" * 10)
     for key in keys:
-        cfg = load_case(key).model
+        # the recipe's model with the sampler's attention (the KV-cache path is jnp attention only)
+        cfg = dataclasses.replace(load_case(key).model, attention="xla")
         n_new = args.new_tokens or cfg.max_seq_len - args.prompt_len
         if args.prompt_len + n_new > cfg.max_seq_len:
             parser.exit(2, f"python -m infer.bench_torch: error: --prompt-len + --new-tokens = {args.prompt_len + n_new} "

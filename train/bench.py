@@ -66,6 +66,7 @@ class Case:
     optim: object  # OptimConfig
     batch: int
     seq: int
+    splits: int = 1  # train.batch_splits of the recipe
 
     @property
     def tokens(self) -> int:
@@ -79,7 +80,7 @@ def load_case(key: str, batch: int | None = None) -> Case:
 
     path, name = RECIPES[key]
     cfg = load_config(path, ["model.vocab_size=65", "model.dropout=0.0"])
-    return Case(name, cfg.model, cfg.optim, batch or cfg.train.batch_size, cfg.data.seq_len)
+    return Case(name, cfg.model, cfg.optim, batch or cfg.train.batch_size, cfg.data.seq_len, cfg.train.batch_splits)
 
 
 def random_batch(case: Case, seed: int = 0):
@@ -106,8 +107,9 @@ class JaxRunner:
         graphdef, self.state = init_train_state(build_model(case.model, seed=0), tx, seed=0)
         inputs, targets = random_batch(case)
         self.batch = {"inputs": jnp.asarray(inputs, jnp.int32), "targets": jnp.asarray(targets, jnp.int32)}
-        self._step = make_train_step(graphdef, tx, learning_rate_schedule(case.optim, total_steps))
-        loss_fn = make_loss_fn(graphdef)
+        self._step = make_train_step(graphdef, tx, learning_rate_schedule(case.optim, total_steps),
+                                     batch_splits=case.splits)
+        loss_fn = make_loss_fn(graphdef, case.splits)
         self._fwd = jax.jit(lambda p, b: loss_fn(p, b, None))
         self._fwd_bwd = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None)))
         t0 = time.perf_counter()

@@ -113,7 +113,8 @@ class Trainer:
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.train_step = make_train_step(self.graphdef, self.tx, self.lr_schedule, cfg.optim.grad_accum,
                                           dropout=cfg.model.dropout > 0,
-                                          nonfinite_steps=cfg.train.nonfinite_steps())
+                                          nonfinite_steps=cfg.train.nonfinite_steps(),
+                                          batch_splits=cfg.train.batch_splits)
         self.guard = NumericalGuard(cfg.train.max_nonfinite, cfg.train.spike_factor)
         self.watch = PreemptionWatch()
         self.eval_step = make_eval_step(self.graphdef)

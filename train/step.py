@@ -8,6 +8,7 @@ step than `nnx.jit` (DESIGN.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -48,21 +49,39 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
     return (losses * weights).sum(), weights.sum()
 
 
-def make_loss_fn(graphdef) -> Callable:
+def make_loss_fn(graphdef, splits: int = 1) -> Callable:
+    """`loss_fn(params, batch, dropout_key)`: mean token loss of the batch. With `splits > 1` the
+    batch is cut along B into that many slices whose forward passes (and so backward passes) are
+    separate in the graph: the loss is still the batch's total over its token count, but XLA may
+    run the slices' ops concurrently (train.batch_splits, see train/config.py)."""
     def loss_fn(params, batch, dropout_key):
         model = nnx.merge(graphdef, params)
-        logits, _ = model(batch["inputs"], dropout_key=dropout_key)
-        total, count = cross_entropy(logits, batch["targets"], batch.get("weights"))
+        if splits == 1:
+            logits, _ = model(batch["inputs"], dropout_key=dropout_key)
+            total, count = cross_entropy(logits, batch["targets"], batch.get("weights"))
+            return total / count
+        n, rest = divmod(batch["inputs"].shape[0], splits)
+        if rest:
+            raise ValueError(f"a batch of {batch['inputs'].shape[0]} sequences cannot be cut into {splits} "
+                             "equal slices (train.batch_splits)")
+        sums = []
+        for i in range(splits):
+            part = jax.tree.map(lambda x: x[i * n:(i + 1) * n], batch)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            logits, _ = model(part["inputs"], dropout_key=key)
+            sums.append(cross_entropy(logits, part["targets"], part.get("weights")))
+        total, count = (functools.reduce(jnp.add, parts) for parts in zip(*sums))
         return total / count
     return loss_fn
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int = 1,
-                    dropout: bool = False, nonfinite_steps: tuple[int, ...] = ()) -> Callable:
+                    dropout: bool = False, nonfinite_steps: tuple[int, ...] = (), batch_splits: int = 1) -> Callable:
     """Return a jitted `train_step(state, batch[, loss_limit]) -> (state, metrics)` (state donated).
 
     With `grad_accum > 1` the batch is split into that many micro-batches along B whose gradients
-    are averaged in a `lax.scan`, so activation memory is that of one micro-batch.
+    are averaged in a `lax.scan`, so activation memory is that of one micro-batch. `batch_splits`
+    cuts each (micro-)batch once more, side by side in one graph (`make_loss_fn`).
 
     Numerical guard: when the loss or any gradient is not finite, or the loss exceeds `loss_limit`
     (loss-spike skipping), the update is skipped: parameters and optimizer state are selected
@@ -71,7 +90,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
     `metrics["nonfinite"]` and `metrics["skipped"]` are 1.0 on such steps. `nonfinite_steps`
     (testing only) makes the gradients NaN at those values of `state.step`.
     """
-    loss_fn = make_loss_fn(graphdef)
+    loss_fn = make_loss_fn(graphdef, batch_splits)
     grad_fn = jax.value_and_grad(loss_fn)
     poison_steps = jnp.asarray(nonfinite_steps, jnp.int32) if nonfinite_steps else None
 

@@ -76,6 +76,33 @@ def test_gradient_accumulation_equals_one_big_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p4)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_batch_splits_equal_one_batch(weighted):
+    """train.batch_splits: slices side by side give the batch's loss (total over its token count,
+    also with padding weights that differ between slices) and its update."""
+    cfg = preset("gpt2-nano", vocab_size=31, n_layers=2, d_model=32, n_heads=2)
+    ocfg = OptimConfig(lr=1e-2, warmup_steps=0)
+    batch = batch_for(cfg)
+    if weighted:  # the first slice's rows are mostly padding: a mean of slice means would be wrong
+        batch["weights"] = jnp.where(jnp.arange(8)[:, None] < 4, jnp.arange(16)[None] < 3, 1).astype(jnp.float32)
+    results = []
+    for splits in (1, 2, 4):
+        tx = optax.sgd(1.0)
+        graphdef, state = init_train_state(build_model(cfg, seed=0), tx, 0)
+        step = make_train_step(graphdef, tx, learning_rate_schedule(ocfg, 10), batch_splits=splits)
+        state, metrics = step(state, batch)
+        results.append((state.params, float(metrics["loss"])))
+    (p1, l1), *rest = results
+    for p, loss in rest:
+        assert loss == pytest.approx(l1, rel=1e-6)
+        # float32: the slices' sums are added in another order.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p)
+    graphdef, state = init_train_state(build_model(cfg, seed=0), optax.sgd(1.0), 0)
+    step = make_train_step(graphdef, optax.sgd(1.0), learning_rate_schedule(ocfg, 10), batch_splits=3)
+    with pytest.raises(ValueError, match="batch of 8 sequences cannot be cut into 3"):
+        step(state, batch)
+
+
 def test_train_step_donates_the_state_and_counts_steps():
     cfg = preset("gpt2-nano", vocab_size=17, n_layers=1, d_model=16, n_heads=2)
     ocfg = OptimConfig()
