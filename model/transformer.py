@@ -225,8 +225,14 @@ def with_kernels(model: Transformer, attention: str, matmul: str = "xla") -> Tra
 
 
 def per_layer_params(block_params, n_layers: int) -> list:
-    """Stacked block parameters (leading `layers` axis) cut into one tree per layer."""
-    return [jax.tree.map(lambda p: p[i], block_params) for i in range(n_layers)]
+    """Stacked block parameters (leading `layers` axis) cut into one tree per layer.
+
+    Cut with one split per parameter, not n_layers index slices: the gradient of a split is one
+    concatenate into the stacked gradient, where that of n slices is n zero-padded copies summed
+    (n_layers passes over every stacked gradient in each train step)."""
+    leaves, treedef = jax.tree.flatten(block_params)
+    layers = [[jnp.squeeze(part, 0) for part in jnp.split(leaf, n_layers, axis=0)] for leaf in leaves]
+    return [treedef.unflatten([parts[i] for parts in layers]) for i in range(n_layers)]
 
 
 def split_layers(model: Transformer) -> list:
