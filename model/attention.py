@@ -3,7 +3,7 @@
 Every attention computation in jaxlm goes through `dot_product_attention(..., impl=cfg.attention)`;
 kernels (Pallas, cuDNN, the C++ CPU kernel) plug in there, and `xla` (plain jnp, runs everywhere)
 is the default. `pallas` (pallas_kernels.flash_attention), `cudnn` (jax.nn.dot_product_attention)
-and `cpu` (pallas_kernels.cpu_attention, a fused XLA:CPU kernel through the XLA FFI) compute
+and `cpu` (pallas_kernels.cpu, a fused XLA:CPU kernel through the XLA FFI) compute
 full-sequence causal self-attention (training, evaluation, a forward pass without a cache); a
 KV-cache forward (sampling) is an error with them, and `check_kernel_platform` turns a choice the
 device cannot run into a clear error at start-up, never a silent fallback.
@@ -88,9 +88,9 @@ def pallas_attention(q, k, v, positions):
 
 
 def cpu_attention(q, k, v, positions):
-    """The fused XLA:CPU kernel (pallas_kernels.cpu_attention, C++ through the XLA FFI) for causal
+    """The fused XLA:CPU kernel (pallas_kernels.cpu, C++ through the XLA FFI) for causal
     self-attention over `positions`: exactly causal_mask(positions, positions)."""
-    from pallas_kernels.cpu_attention import cpu_attention as kernel
+    from pallas_kernels.cpu import cpu_attention as kernel
 
     return kernel(q, k, v, positions, positions)
 
@@ -126,16 +126,20 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0,
 def check_kernel_platform(cfg: ModelConfig) -> None:
     """Raise ValueError when the device cannot run cfg's attention or matmul implementation
     (cuDNN needs an NVIDIA GPU; Pallas a GPU or TPU, or JAXLM_PALLAS_INTERPRET on a CPU; the CPU
-    kernel a CPU, a head size it is built for and a C++ compiler)."""
+    kernels a CPU and a C++ compiler, attention a head size it is built for)."""
     from pallas_kernels import platform
 
     if cfg.attention == "cpu":
-        from pallas_kernels.cpu_attention import check_cpu_attention
+        from pallas_kernels.cpu import check_cpu_attention
 
         check_cpu_attention(cfg.head_dim)  # builds the kernel now if this machine has no cached build
     if cfg.attention == "cudnn" and platform.device_platform() != "gpu":
         raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU, but the device is "
                          f"{platform.device_platform()!r}; use model.attention='xla' (or 'pallas' on a GPU/TPU)")
+    if cfg.matmul == "cpu":
+        from pallas_kernels.cpu import check_cpu_matmul
+
+        check_cpu_matmul()
     for name, value in (("model.attention", cfg.attention), ("model.matmul", cfg.matmul)):
         if value == "pallas":
             platform.check_pallas_platform(f"{name}='pallas'")

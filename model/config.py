@@ -15,7 +15,7 @@ POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # see model/attention.py: dot_product_attention
-MATMUL_IMPLS = ("xla", "pallas")  # the dense layers' matmul, see model/layers.py: dense
+MATMUL_IMPLS = ("xla", "pallas", "cpu")  # the dense layers' matmul, see model/layers.py: dense
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     attention: str = "xla"
-    matmul: str = "xla"  # attention projections and MLP: xla (jnp) or pallas (pallas_kernels.matmul)
+    matmul: str = "xla"  # attention projections and MLP: xla (jnp), pallas (pallas_kernels.matmul), cpu (C++ dW)
     init_std: float = 0.02
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth) or unroll
     gelu_approximate: bool = False  # tanh GELU (Hugging Face GPT-2's "gelu_new") instead of the exact erf one

@@ -31,8 +31,9 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
 def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> jax.Array:
     """Contract the last `contract` dims of x with the first of w: (..., *in) x (*in, *out) -> (..., *out).
 
-    `impl` is `ModelConfig.matmul`: 'xla' (jnp) or 'pallas' (the tiled kernel of
-    pallas_kernels.matmul, float32 accumulation).
+    `impl` is `ModelConfig.matmul`: 'xla' (jnp), 'pallas' (the tiled kernel of
+    pallas_kernels.matmul, float32 accumulation) or 'cpu' (jnp, with the weight gradient in
+    pallas_kernels.cpu's C++ kernel).
 
     Both multiply 2-D operands, x as (tokens, in) and w as (in, out): then the weight gradient of
     the backward pass, x^T dy, contracts one axis, which XLA:CPU's matmul takes as it is, instead
@@ -45,6 +46,10 @@ def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> j
     x2, w2 = x.reshape(math.prod(lead), k), w.reshape(k, math.prod(out))
     if impl == "xla":
         y = jnp.dot(x2, w2)
+    elif impl == "cpu":
+        from pallas_kernels.cpu import cpu_matmul
+
+        y = cpu_matmul(x2, w2)
     else:
         from pallas_kernels.matmul import matmul
 

@@ -83,9 +83,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.mesh, self.rules = self.build_mesh(cfg)  # a bad mesh fails here, before any data work
-        if cfg.model.attention == "cpu" and self.mesh.size > 1:
-            raise ConfigError(f"model.attention='cpu' is a one-device kernel, but the mesh has {self.mesh.size} "
-                              "devices; use model.attention='xla' with a mesh")
+        for name, value in (("model.attention", cfg.model.attention), ("model.matmul", cfg.model.matmul)):
+            if value == "cpu" and self.mesh.size > 1:
+                raise ConfigError(f"{name}='cpu' is a one-device kernel, but the mesh has {self.mesh.size} "
+                                  f"devices; use {name}='xla' with a mesh")
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save, keep_every=cfg.checkpoint.keep_every,
                                          min_free_mb=cfg.checkpoint.min_free_mb)

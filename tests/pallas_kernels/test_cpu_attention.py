@@ -1,4 +1,4 @@
-"""The fused XLA:CPU attention kernel (pallas_kernels/cpu_attention): forward and gradients equal
+"""The fused XLA:CPU attention kernel (pallas_kernels/cpu/attention.cc): forward and gradients equal
 the jnp reference (model.attention.xla_attention + causal_mask) to float32 rounding, for the
 shapes and masks the model produces; what it cannot run is a clear error."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from model.attention import causal_mask, xla_attention
-from pallas_kernels.cpu_attention import HEAD_DIMS, SOURCE, cpu_attention
-from pallas_kernels.cpu_attention import build
+from pallas_kernels.cpu import HEAD_DIMS, cpu_attention
+from pallas_kernels.cpu import build
 
 pytestmark = pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the XLA:CPU kernel")
 
@@ -119,21 +119,21 @@ def test_under_a_mesh_of_several_devices_is_a_clear_error():
 def test_missing_compiler_and_compile_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    with pytest.raises(build.CpuKernelBuildError, match="needs a C\\+\\+ compiler.*'no-such-compiler-xyz'"):
-        build.load_library.__wrapped__(SOURCE)
+    with pytest.raises(build.CpuKernelBuildError, match="need a C\\+\\+ compiler: 'no-such-compiler-xyz'"):
+        build.load_library.__wrapped__("jaxlm_cpu_kernels", build.SOURCES)
     monkeypatch.delenv("CXX")
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
     with pytest.raises(build.CpuKernelBuildError, match="compiling broken.cc failed"):
-        build.load_library.__wrapped__(broken)
+        build.load_library.__wrapped__("broken", (broken,))
     assert not list((tmp_path / "cpu_kernels").glob("*.so"))  # no half-written library is left
 
 
 def test_build_is_cached_by_source(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXLM_CACHE_DIR", str(tmp_path))
-    build.load_library.__wrapped__(SOURCE)
-    built = list((tmp_path / "cpu_kernels").glob("attention-*.so"))
+    build.load_library.__wrapped__("jaxlm_cpu_kernels", build.SOURCES)
+    built = list((tmp_path / "cpu_kernels").glob("jaxlm_cpu_kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    build.load_library.__wrapped__(SOURCE)  # a second process: loads, does not compile again
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "cpu_kernels").glob("attention-*.so")] == [mtime]
+    build.load_library.__wrapped__("jaxlm_cpu_kernels", build.SOURCES)  # a second process: loads, no compile
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "cpu_kernels").glob("jaxlm_cpu_kernels-*.so")] == [mtime]

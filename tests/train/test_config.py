@@ -39,7 +39,8 @@ def test_shakespeare_char_cpu_is_nanogpts_baby_gpt():
     m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
     assert (m.n_layers, m.n_heads, m.d_model, m.dropout) == (4, 4, 128, 0.0)
     assert (m.norm, m.positions, m.mlp, m.bias, m.tie_embeddings) == ("layernorm", "learned", "gelu", True, True)
-    assert m.attention == "cpu" and t.batch_splits == 2  # issue 7: the fused CPU kernel, two slices side by side
+    # issue 7: the CPU kernels, two slices side by side
+    assert (m.attention, m.matmul, t.batch_splits) == ("cpu", "cpu", 2)
     assert (d.tokenizer, d.seq_len, d.source, t.batch_size, t.steps) == ("char", 64, "tinyshakespeare", 12, 2000)
     assert (o.lr, o.min_lr, o.warmup_steps, o.decay_steps) == (1e-3, 1e-4, 100, 2000)
     assert (o.beta1, o.beta2, o.weight_decay, o.clip_norm) == (0.9, 0.99, 0.1, 1.0)

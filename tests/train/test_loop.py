@@ -148,14 +148,15 @@ def test_cli_resumes_a_run_directory_and_extends_it(uninterrupted, tmp_path):
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the XLA:CPU attention kernel")
-def test_run_with_the_cpu_attention_kernel(uninterrupted, tmp_path):
-    """model.attention=cpu trains to the loss of the jnp attention (float32 rounding apart) and
-    still writes samples (the sampler's KV-cache path switches to the jnp attention). It runs on
-    one device: `python -m train` in a process with one CPU device (as on any machine without
-    XLA_FLAGS); here, with the suite's eight, a mesh of several is a config error before any work."""
+def test_run_with_the_cpu_kernels(uninterrupted, tmp_path):
+    """model.attention=cpu and model.matmul=cpu train to the loss of the jnp model (float32
+    rounding apart) and still write samples (the sampler's KV-cache path switches to the jnp
+    attention). They run on one device: `python -m train` in a process with one CPU device (as on
+    any machine without XLA_FLAGS); here, with the suite's eight, a mesh of several is a config
+    error before any work."""
     _, reference = uninterrupted
     experiment = tmp_path / "cpu.yaml"
-    experiment.write_text(tiny_config(tmp_path, "cpu", "model.attention=cpu").to_yaml())
+    experiment.write_text(tiny_config(tmp_path, "cpu", "model.attention=cpu", "model.matmul=cpu").to_yaml())
     env = {**os.environ, "XLA_FLAGS": ""}
     r = subprocess.run([sys.executable, "-m", "train", str(experiment)], capture_output=True, text=True, cwd=ROOT,
                        timeout=600, env=env)
@@ -166,3 +167,5 @@ def test_run_with_the_cpu_attention_kernel(uninterrupted, tmp_path):
     if len(jax.devices()) > 1:
         with pytest.raises(ConfigError, match="model.attention='cpu' is a one-device kernel"):
             Trainer(tiny_config(tmp_path, "cpu-mesh", "model.attention=cpu"))
+        with pytest.raises(ConfigError, match="model.matmul='cpu' is a one-device kernel"):
+            Trainer(tiny_config(tmp_path, "cpu-mesh2", "model.matmul=cpu"))

@@ -27,23 +27,15 @@
 #include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "kernels.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr float kMasked = -3.4028234663852886e38f;  // jnp.finfo(float32).min, as the jnp reference
-constexpr int W = 16;  // floats per vector: one AVX-512 register, two AVX2 ones (GCC splits it)
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+using namespace jaxlm_cpu;
 
-static inline vf splat(float x) { return vf{} + x; }
-static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
-static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-static inline float hsum(vf v) { float s = 0.0f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
-static inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = std::max(m, v[i]); return m; }
-static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+constexpr float kMasked = -3.4028234663852886e38f;  // jnp.finfo(float32).min, as the jnp reference
 
 // exp(x) of W floats: Cephes' polynomial on x - n ln2, scaled by 2^n through the exponent bits.
 // Relative error ~2e-7 (float32 rounding); 0 below -87.3 (as expf underflows).
@@ -69,29 +61,6 @@ static inline vf vexp(vf x) {
   return x < lo ? vf{} : y;
 }
 
-// Run fn(task) for task in [0, n) on the calling thread and XLA's intra-op pool.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  F* f = &fn;
-  auto work = [state, n, f]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      (*f)(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  // A helper that starts after every task was claimed returns without touching `fn`; the caller
-  // waits until every claimed task is done, so `fn` outlives its uses.
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
-}
-
 struct Dims {
   int64_t B, L, S, H, K;
 };
@@ -107,8 +76,6 @@ static void gather_head(const float* x, const Dims& d, int64_t b, int64_t kh, in
   }
   if (cols) for (int j = 0; j < D; ++j) for (int64_t s = d.S; s < SP; ++s) cols[j * SP + s] = 0.0f;
 }
-
-static inline vi loadi(const int32_t* p) { vi v; std::memcpy(&v, p, sizeof(v)); return v; }
 
 // Per-task key data of one (batch, kv head): key positions padded to SP with "never attend"
 // (INT32_MAX; a negative position, an empty slot or left padding, becomes that too, so one compare
@@ -354,29 +321,26 @@ ffi::Error AttentionBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   });
 }
 
+// Both handlers take q, k, v and the query and key positions first.
+auto BindAttentionInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // q (B, L, H, Dh)
+      .Arg<ffi::Buffer<ffi::F32>>()   // k (B, S, K, Dh)
+      .Arg<ffi::Buffer<ffi::F32>>()   // v (B, S, K, Dh)
+      .Arg<ffi::Buffer<ffi::S32>>()   // query positions (B, L)
+      .Arg<ffi::Buffer<ffi::S32>>();  // key positions (B, S)
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmAttentionFwd, AttentionFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              BindAttentionInputs().Attr<float>("scale").Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlmAttentionBwd, AttentionBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              BindAttentionInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d out (B, L, H, Dh)
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv

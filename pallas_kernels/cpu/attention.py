@@ -1,11 +1,10 @@
 """Causal attention as one fused XLA:CPU kernel (C++ through the XLA FFI): `model.attention='cpu'`.
 
-    from pallas_kernels.cpu_attention import cpu_attention
+    from pallas_kernels.cpu import cpu_attention
     out = cpu_attention(q, k, v, q_positions, kv_positions)   # (B, L, H, Dh), differentiable
 
-Not a Pallas kernel: Pallas cannot compile for a CPU, so this is `attention.cc`, built for the
-machine on first use (`build.py`; needs a C++ compiler) and called with `jax.ffi.ffi_call`. Its
-reference is the jnp attention every other path uses, `model.attention.xla_attention` with
+`attention.cc`, built for the machine on first use (`build.py`; needs a C++ compiler) and called
+with `jax.ffi.ffi_call`. Its reference is the jnp attention every other path uses, `model.attention.xla_attention` with
 `causal_mask(q_positions, kv_positions)`; the tests hold the two to float32 rounding, forward and
 gradients, including grouped-query heads, left padding and lengths that are not multiples of the
 kernel's blocks. Why it exists: on the 2-core CPU of issue 7 XLA's attention took ~6 ms of a
@@ -20,49 +19,24 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.cpu_attention.build import CpuKernelBuildError, load_library
+from pallas_kernels.cpu.build import check_one_device, register_kernels
 
-SOURCE = Path(__file__).with_name("attention.cc")
 HEAD_DIMS = (16, 32, 64, 128, 256)  # the head sizes attention.cc is instantiated for
 _FWD, _BWD = "jaxlm_cpu_attention_fwd", "jaxlm_cpu_attention_bwd"
 
-__all__ = ["cpu_attention", "check_cpu_attention", "CpuKernelBuildError", "HEAD_DIMS"]
-
-
-@functools.cache
-def _register() -> None:
-    """Build (or load the cached build of) the kernel and register its two FFI targets, once."""
-    lib = load_library(SOURCE)
-    jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.JaxlmAttentionFwd), platform="cpu")
-    jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.JaxlmAttentionBwd), platform="cpu")
-
 
 def check_cpu_attention(head_dim: int) -> None:
-    """Raise ValueError / CpuKernelBuildError unless this process can run the kernel for `head_dim`
-    (a CPU device, a supported head size, a compiler); builds the kernel if it is not cached."""
-    platform = jax.devices()[0].platform
-    if platform != "cpu":
-        raise ValueError(f"model.attention='cpu' is the XLA:CPU kernel, but the device is {platform!r}; "
-                         "use model.attention='xla' (or 'pallas' / 'cudnn' on a GPU)")
+    """Raise ValueError (CpuKernelBuildError among them) unless this process can run the kernel
+    for `head_dim` (a CPU device, a supported head size, a compiler); builds it if not cached."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"model.attention='cpu' supports head_dim in {HEAD_DIMS}, not {head_dim}; "
                          "use model.attention='xla'")
-    _register()
-
-
-def _check_unsharded() -> None:
-    """An FFI call has no partitioning rule: under a mesh XLA would gather its inputs to every device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    size = 1 if mesh.empty else math.prod(mesh.shape.values())
-    if size > 1:
-        raise ValueError(f"model.attention='cpu' runs on one device, but a mesh of {size} devices is active; "
-                         "use model.attention='xla' with a mesh")
+    register_kernels("model.attention='cpu'")
 
 
 def _call_fwd(q, k, v, q_pos, kv_pos, scale):
@@ -103,7 +77,7 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Arr
         raise ValueError(f"cpu_attention: positions {q_positions.shape}/{kv_positions.shape} do not match "
                          f"q {q.shape} and k {k.shape}")
     check_cpu_attention(Dh)
-    _check_unsharded()
+    check_one_device("model.attention='cpu'")
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     out = _attention(*f32, q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32), 1.0 / math.sqrt(Dh))
     return out.astype(q.dtype)
