@@ -140,6 +140,10 @@ def check_kernel_platform(cfg: ModelConfig) -> None:
         from pallas_kernels.cpu import check_cpu_matmul
 
         check_cpu_matmul()
+    if cfg.norm_impl == "cpu":
+        from pallas_kernels.cpu import check_cpu_norm
+
+        check_cpu_norm(cfg.d_model)
     for name, value in (("model.attention", cfg.attention), ("model.matmul", cfg.matmul)):
         if value == "pallas":
             platform.check_pallas_platform(f"{name}='pallas'")

@@ -16,6 +16,7 @@ MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # see model/attention.py: dot_product_attention
 MATMUL_IMPLS = ("xla", "pallas", "cpu")  # the dense layers' matmul, see model/layers.py: dense
+NORM_IMPLS = ("xla", "cpu")  # LayerNorm / RMSNorm: jnp, or pallas_kernels.cpu's C++ kernel
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention: str = "xla"
     matmul: str = "xla"  # attention projections and MLP: xla (jnp), pallas (pallas_kernels.matmul), cpu (C++ dW)
+    norm_impl: str = "xla"  # the norms: xla (jnp) or cpu (pallas_kernels.cpu's C++ kernel)
     init_std: float = 0.02
     scan_layers: bool = True  # lax.scan over layers (compile time independent of depth) or unroll
     gelu_approximate: bool = False  # tanh GELU (Hugging Face GPT-2's "gelu_new") instead of the exact erf one
@@ -72,6 +74,7 @@ class ModelConfig:
         _choice("model.compute_dtype", self.compute_dtype, DTYPES)
         _choice("model.attention", self.attention, ATTENTION_IMPLS)
         _choice("model.matmul", self.matmul, MATMUL_IMPLS)
+        _choice("model.norm_impl", self.norm_impl, NORM_IMPLS)
         if self.attention != "xla" and self.dropout > 0:
             raise ValueError(f"model.attention={self.attention!r} has no attention dropout; set model.dropout=0 "
                              "or use model.attention='xla'")

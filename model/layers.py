@@ -77,15 +77,19 @@ class Norm(nnx.Module):
     """LayerNorm (GPT-2: scale and optional bias) or RMSNorm (Llama: scale only), statistics in float32."""
 
     def __init__(self, cfg: ModelConfig):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.kind, self.eps, self.impl = cfg.norm, cfg.norm_eps, cfg.norm_impl
         self.scale = param(None, (cfg.d_model,), ("embed",), cfg, value=1.0)
         self.bias = param(None, (cfg.d_model,), ("embed",), cfg, value=0.0) if (
             cfg.norm == "layernorm" and cfg.bias) else None
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) -> (B, L, D)
         bias = None if self.bias is None else self.bias[...].astype(jnp.float32)
-        y = normalize(x.astype(jnp.float32), self.scale[...].astype(jnp.float32), bias, self.eps,
-                      self.kind == "layernorm")
+        if self.impl == "cpu":
+            from pallas_kernels.cpu import cpu_normalize as norm_fn
+        else:
+            norm_fn = normalize
+        y = norm_fn(x.astype(jnp.float32), self.scale[...].astype(jnp.float32), bias, self.eps,
+                    self.kind == "layernorm")
         return y.astype(x.dtype)
 
 

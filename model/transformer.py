@@ -208,11 +208,11 @@ class Transformer(nnx.Module):
         return logits, cache
 
 
-def with_kernels(model: Transformer, attention: str, matmul: str = "xla") -> Transformer:
-    """The same parameters under a config with other attention / matmul implementations (they
-    change no parameter: a model trained with a kernel samples with `xla`, the only attention the
-    KV-cache path has)."""
-    cfg = dataclasses.replace(model.cfg, attention=attention, matmul=matmul)
+def with_kernels(model: Transformer, attention: str, matmul: str = "xla", norm_impl: str = "xla") -> Transformer:
+    """The same parameters under a config with other attention / matmul / norm implementations
+    (they change no parameter: a model trained with a kernel samples with `xla`, the only
+    attention the KV-cache path has)."""
+    cfg = dataclasses.replace(model.cfg, attention=attention, matmul=matmul, norm_impl=norm_impl)
     if cfg == model.cfg:
         return model
 

@@ -19,6 +19,7 @@ previous good one is used. Retention keeps the last `keep` checkpoints plus ever
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -292,6 +293,10 @@ def load_for_inference(path: str | Path, step: int | None = None):
 
     step, config_dict, tokenizer_json = read_checkpoint_meta(path, step)
     cfg = from_dict(config_dict)
+    # Kernels chosen for training change no parameter; inference (KV cache, any device) runs the
+    # jnp implementations, and `python -m infer` applies its own --attention / --matmul choice.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla", matmul="xla",
+                                                             norm_impl="xla"))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def init():

@@ -83,7 +83,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.mesh, self.rules = self.build_mesh(cfg)  # a bad mesh fails here, before any data work
-        for name, value in (("model.attention", cfg.model.attention), ("model.matmul", cfg.model.matmul)):
+        for name, value in (("model.attention", cfg.model.attention), ("model.matmul", cfg.model.matmul),
+                            ("model.norm_impl", cfg.model.norm_impl)):
             if value == "cpu" and self.mesh.size > 1:
                 raise ConfigError(f"{name}='cpu' is a one-device kernel, but the mesh has {self.mesh.size} "
                                   f"devices; use {name}='xla' with a mesh")
@@ -284,7 +285,7 @@ class Trainer:
 
         cfg = self.cfg
         # the sampler's KV-cache path has only the jnp attention; the parameters are the same
-        model = with_kernels(nnx.merge(self.graphdef, self.state.params), "xla", cfg.model.matmul)
+        model = with_kernels(nnx.merge(self.graphdef, self.state.params), "xla", cfg.model.matmul, cfg.model.norm_impl)
         prompt = cfg.train.sample_prompt or self.data.tokenizer.decode(self.data.val.read(0, 16))
         texts = generate_text(model, self.data.tokenizer, [prompt] * n, max_new_tokens=cfg.train.sample_tokens,
                               temperature=0.8, top_k=0, seed=cfg.train.seed)

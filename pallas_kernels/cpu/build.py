@@ -49,7 +49,7 @@ def _compiler() -> str:
     path = shutil.which(cxx)
     if path is None:
         raise CpuKernelBuildError(
-            f"the CPU kernels (model.attention='cpu', model.matmul='cpu') are C++ compiled on first use and need "
+            f"the CPU kernels (model.attention / matmul / norm_impl = 'cpu') are C++ compiled on first use and need "
             f"a C++ compiler: {cxx!r} was not found (install g++, or point $CXX at one); or use 'xla'")
     return path
 
@@ -85,11 +85,13 @@ def load_library(name: str, sources: tuple[Path, ...]) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
-SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))  # attention.cc, matmul.cc
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))  # attention.cc, matmul.cc, norm.cc
 TARGETS = {  # FFI target name -> handler symbol in the library
     "jaxlm_cpu_attention_fwd": "JaxlmAttentionFwd",
     "jaxlm_cpu_attention_bwd": "JaxlmAttentionBwd",
     "jaxlm_cpu_weight_grad": "JaxlmWeightGrad",
+    "jaxlm_cpu_norm_fwd": "JaxlmNormFwd",
+    "jaxlm_cpu_norm_bwd": "JaxlmNormBwd",
 }
 
 

@@ -44,9 +44,9 @@ def loss_and_grads(cfg, tokens, positions=None):
 
 def kernel_cfg(name, impl):
     """TINY[name] with attention=impl; the CPU case also takes the CPU matmul (its weight
-    gradient), the pallas case keeps TINY's matmul (pallas in one of them, interpreted)."""
+    gradient) and norm, the pallas case keeps TINY's matmul (pallas in one of them, interpreted)."""
     cfg = dataclasses.replace(TINY[name], attention=impl)
-    return dataclasses.replace(cfg, matmul="cpu") if impl == "cpu" else cfg
+    return dataclasses.replace(cfg, matmul="cpu", norm_impl="cpu") if impl == "cpu" else cfg
 
 
 CPU_ONLY = pytest.mark.skipif(platform.device_platform() != "cpu", reason="the XLA:CPU kernel")
@@ -57,7 +57,7 @@ IMPLS = ["pallas", pytest.param("cpu", marks=CPU_ONLY)]
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_kernel_logits_and_gradients_equal_xla(name, impl):
     kernel = kernel_cfg(name, impl)
-    xla_cfg = dataclasses.replace(kernel, attention="xla", matmul="xla")
+    xla_cfg = dataclasses.replace(kernel, attention="xla", matmul="xla", norm_impl="xla")
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 61, dtype=jnp.int32)
     logits, grads = loss_and_grads(kernel, tokens)
     ref_logits, ref_grads = loss_and_grads(xla_cfg, tokens)
@@ -106,7 +106,7 @@ def test_platform_check_names_the_setting(monkeypatch):
     monkeypatch.setenv(platform.ENV_VAR, "gpu")  # the interpreter, asked for explicitly
     check_kernel_platform(dataclasses.replace(base, attention="pallas", matmul="pallas"))
     check_kernel_platform(base)
-    check_kernel_platform(dataclasses.replace(base, attention="cpu", matmul="cpu"))  # head_dim 16: built for it
+    check_kernel_platform(dataclasses.replace(base, attention="cpu", matmul="cpu", norm_impl="cpu"))  # head_dim 16
     with pytest.raises(ValueError, match=r"model.attention='cpu' supports head_dim in .*not 24"):
         check_kernel_platform(preset("gpt2-nano", vocab_size=61, d_model=48, n_heads=2, attention="cpu"))
 

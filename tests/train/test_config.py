@@ -40,7 +40,7 @@ def test_shakespeare_char_cpu_is_nanogpts_baby_gpt():
     assert (m.n_layers, m.n_heads, m.d_model, m.dropout) == (4, 4, 128, 0.0)
     assert (m.norm, m.positions, m.mlp, m.bias, m.tie_embeddings) == ("layernorm", "learned", "gelu", True, True)
     # issue 7: the CPU kernels, two slices side by side
-    assert (m.attention, m.matmul, t.batch_splits) == ("cpu", "cpu", 2)
+    assert (m.attention, m.matmul, m.norm_impl, t.batch_splits) == ("cpu", "cpu", "cpu", 2)
     assert (d.tokenizer, d.seq_len, d.source, t.batch_size, t.steps) == ("char", 64, "tinyshakespeare", 12, 2000)
     assert (o.lr, o.min_lr, o.warmup_steps, o.decay_steps) == (1e-3, 1e-4, 100, 2000)
     assert (o.beta1, o.beta2, o.weight_decay, o.clip_norm) == (0.9, 0.99, 0.1, 1.0)
@@ -79,6 +79,7 @@ def test_resolved_config_round_trips():
     ("data.seq_len=-1", "data.seq_len=-1 must be a positive integer"),
     ("steps=3", "must look like section.key=value"),
     ("train.batch_splits=0", "train.batch_splits=0 must be >= 1"),
+    ("model.norm_impl=fused", "model.norm_impl='fused' is not one of xla, cpu"),
     ("train.batch_splits=5", "train.batch_size / optim.grad_accum = 32 must be divisible by train.batch_splits=5"),
 ])
 def test_bad_values_are_one_line_errors(override, message):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from train.config import ConfigError, load_config
+from train.checkpoint import load_for_inference
 from train.loop import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,14 +150,16 @@ def test_cli_resumes_a_run_directory_and_extends_it(uninterrupted, tmp_path):
 
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="the XLA:CPU attention kernel")
 def test_run_with_the_cpu_kernels(uninterrupted, tmp_path):
-    """model.attention=cpu and model.matmul=cpu train to the loss of the jnp model (float32
+    """model.attention / matmul / norm_impl = cpu train to the loss of the jnp model (float32
     rounding apart) and still write samples (the sampler's KV-cache path switches to the jnp
-    attention). They run on one device: `python -m train` in a process with one CPU device (as on
+    attention); the checkpoint loads for inference with the jnp implementations. They run on one
+    device: `python -m train` in a process with one CPU device (as on
     any machine without XLA_FLAGS); here, with the suite's eight, a mesh of several is a config
     error before any work."""
     _, reference = uninterrupted
     experiment = tmp_path / "cpu.yaml"
-    experiment.write_text(tiny_config(tmp_path, "cpu", "model.attention=cpu", "model.matmul=cpu").to_yaml())
+    kernels = ("model.attention=cpu", "model.matmul=cpu", "model.norm_impl=cpu")
+    experiment.write_text(tiny_config(tmp_path, "cpu", *kernels).to_yaml())
     env = {**os.environ, "XLA_FLAGS": ""}
     r = subprocess.run([sys.executable, "-m", "train", str(experiment)], capture_output=True, text=True, cwd=ROOT,
                        timeout=600, env=env)
@@ -164,8 +167,12 @@ def test_run_with_the_cpu_kernels(uninterrupted, tmp_path):
     summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
     assert abs(summary["val_loss"] - reference["val_loss"]) < 1e-3, (summary["val_loss"], reference["val_loss"])
     assert (tmp_path / "cpu" / "samples.txt").read_text().strip()
+    cfg, _, _, _ = load_for_inference(tmp_path / "cpu" / "checkpoints")
+    assert (cfg.model.attention, cfg.model.matmul, cfg.model.norm_impl) == ("xla", "xla", "xla")
     if len(jax.devices()) > 1:
         with pytest.raises(ConfigError, match="model.attention='cpu' is a one-device kernel"):
             Trainer(tiny_config(tmp_path, "cpu-mesh", "model.attention=cpu"))
         with pytest.raises(ConfigError, match="model.matmul='cpu' is a one-device kernel"):
             Trainer(tiny_config(tmp_path, "cpu-mesh2", "model.matmul=cpu"))
+        with pytest.raises(ConfigError, match="model.norm_impl='cpu' is a one-device kernel"):
+            Trainer(tiny_config(tmp_path, "cpu-mesh3", "model.norm_impl=cpu"))
