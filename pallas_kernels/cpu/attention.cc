@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -157,31 +158,40 @@ static void fwd_group(const float* const* q, const int32_t* qp, float* const* ou
     for (int c = 0; c < D / W; ++c) store(out[r] + c * W, acc[r][c]);
 }
 
+// For one (batch b, kv head kh) task: fn(h, l, rows) over its query heads h and groups of rows
+// l .. l + rows - 1, rows = R (std::integral_constant) while R rows remain, then 1.
+template <int R, typename F>
+static void for_row_groups(const Dims& d, int64_t kh, F fn) {
+  const int64_t G = d.H / d.K;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = kh * G + g;
+    int64_t l = 0;
+    for (; l + R <= d.L; l += R) fn(h, l, std::integral_constant<int, R>{});
+    for (; l < d.L; ++l) fn(h, l, std::integral_constant<int, 1>{});
+  }
+}
+
 template <int D>
 void attention_fwd(ffi::ThreadPool& pool, const Dims& d, float scale, const float* Q, const float* Kp,
                    const float* V, const int32_t* QP, const int32_t* KP, float* O) {
   constexpr int R = rows_per_group<D>();
-  const int64_t G = d.H / d.K, SP = (d.S + W - 1) / W * W;
+  const int64_t SP = (d.S + W - 1) / W * W;
   parallel_for(pool, d.B * d.K, [&](int64_t task) {
     const int64_t b = task / d.K, kh = task % d.K;
     std::vector<float> kt(D * SP), vr(d.S * D), p(R * SP);
     gather_head<D>(Kp, d, b, kh, SP, nullptr, kt.data());
     gather_head<D>(V, d, b, kh, SP, vr.data(), nullptr);
     const KeyPositions kp(KP + b * d.S, d.S, SP);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = kh * G + g;
-      auto row = [&](int64_t l) { return ((b * d.L + l) * d.H + h) * D; };
-      int64_t l = 0;
-      for (; l + R <= d.L; l += R) {
-        const float* q[R]; float* o[R];
-        for (int r = 0; r < R; ++r) { q[r] = Q + row(l + r); o[r] = O + row(l + r); }
-        fwd_group<D, R>(q, QP + b * d.L + l, o, kt.data(), vr.data(), kp, scale, d.S, SP, p.data());
+    for_row_groups<R>(d, kh, [&](int64_t h, int64_t l, auto rows) {
+      constexpr int n = decltype(rows)::value;
+      const float* q[n];
+      float* o[n];
+      for (int r = 0; r < n; ++r) {
+        q[r] = Q + ((b * d.L + l + r) * d.H + h) * D;
+        o[r] = O + ((b * d.L + l + r) * d.H + h) * D;
       }
-      for (; l < d.L; ++l) {
-        const float* q[1] = {Q + row(l)}; float* o[1] = {O + row(l)};
-        fwd_group<D, 1>(q, QP + b * d.L + l, o, kt.data(), vr.data(), kp, scale, d.S, SP, p.data());
-      }
-    }
+      fwd_group<D, n>(q, QP + b * d.L + l, o, kt.data(), vr.data(), kp, scale, d.S, SP, p.data());
+    });
   });
 }
 
@@ -251,7 +261,7 @@ void attention_bwd(ffi::ThreadPool& pool, const Dims& d, float scale, const floa
                    const float* V, const int32_t* QP, const int32_t* KP, const float* DO, float* DQ,
                    float* DK, float* DV) {
   constexpr int R = rows_per_group<D>();
-  const int64_t G = d.H / d.K, SP = (d.S + W - 1) / W * W;
+  const int64_t SP = (d.S + W - 1) / W * W;
   parallel_for(pool, d.B * d.K, [&](int64_t task) {
     const int64_t b = task / d.K, kh = task % d.K;
     std::vector<float> kt(D * SP), vt(D * SP), kr(d.S * D), p(R * SP), ds(R * SP);
@@ -259,22 +269,19 @@ void attention_bwd(ffi::ThreadPool& pool, const Dims& d, float scale, const floa
     gather_head<D>(Kp, d, b, kh, SP, kr.data(), kt.data());
     gather_head<D>(V, d, b, kh, SP, nullptr, vt.data());
     const KeyPositions kp(KP + b * d.S, d.S, SP);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = kh * G + g;
-      auto row = [&](int64_t l) { return ((b * d.L + l) * d.H + h) * D; };
-      int64_t l = 0;
-      for (; l + R <= d.L; l += R) {
-        const float *q[R], *o[R]; float* dq[R];
-        for (int r = 0; r < R; ++r) { q[r] = Q + row(l + r); o[r] = DO + row(l + r); dq[r] = DQ + row(l + r); }
-        bwd_group<D, R>(q, o, QP + b * d.L + l, dq, kt.data(), vt.data(), kr.data(), kp, scale, d.S, SP,
-                        p.data(), ds.data(), dka.data(), dva.data());
+    for_row_groups<R>(d, kh, [&](int64_t h, int64_t l, auto rows) {
+      constexpr int n = decltype(rows)::value;
+      const float *q[n], *o[n];
+      float* dq[n];
+      for (int r = 0; r < n; ++r) {
+        const int64_t at = ((b * d.L + l + r) * d.H + h) * D;
+        q[r] = Q + at;
+        o[r] = DO + at;
+        dq[r] = DQ + at;
       }
-      for (; l < d.L; ++l) {
-        const float* q[1] = {Q + row(l)}; const float* o[1] = {DO + row(l)}; float* dq[1] = {DQ + row(l)};
-        bwd_group<D, 1>(q, o, QP + b * d.L + l, dq, kt.data(), vt.data(), kr.data(), kp, scale, d.S, SP,
-                        p.data(), ds.data(), dka.data(), dva.data());
-      }
-    }
+      bwd_group<D, n>(q, o, QP + b * d.L + l, dq, kt.data(), vt.data(), kr.data(), kp, scale, d.S, SP, p.data(),
+                      ds.data(), dka.data(), dva.data());
+    });
     for (int64_t s = 0; s < d.S; ++s) {
       std::memcpy(DK + ((b * d.S + s) * d.K + kh) * D, dka.data() + s * D, D * sizeof(float));
       std::memcpy(DV + ((b * d.S + s) * d.K + kh) * D, dva.data() + s * D, D * sizeof(float));
