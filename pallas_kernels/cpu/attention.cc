@@ -1,5 +1,5 @@
 // Causal attention for XLA:CPU as one fused kernel per (batch, kv head), called through the XLA FFI
-// (pallas_kernels/cpu_attention/__init__.py builds, loads and differentiates it).
+// (pallas_kernels/cpu/attention.py differentiates it; build.py builds and loads it).
 //
 // Why: XLA:CPU runs jnp attention as ~11 ops forward and ~23 backward per layer (head transposes,
 // small batched dots, softmax passes); for the shakespeare_char_cpu model that was 6 ms of a
@@ -18,13 +18,10 @@
 // (B, L) and (B, S) int32, all row-major float32. Dh is a template parameter (16 ... 256).
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
