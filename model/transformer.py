@@ -215,12 +215,7 @@ def with_kernels(model: Transformer, attention: str, matmul: str = "xla", norm_i
     cfg = dataclasses.replace(model.cfg, attention=attention, matmul=matmul, norm_impl=norm_impl)
     if cfg == model.cfg:
         return model
-
-    def init() -> Transformer:
-        with nnx.use_eager_sharding(False):
-            return Transformer(cfg, rngs=nnx.Rngs(0))
-
-    graphdef, _ = nnx.split(nnx.eval_shape(init))
+    graphdef, _ = abstract_model(cfg)
     return nnx.merge(graphdef, nnx.state(model))
 
 
@@ -255,12 +250,22 @@ def build_model(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None 
 
     if mesh is None:
         return init()
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(init))
+    graphdef, abstract_state = abstract_model(cfg)
     if rules:  # a parameter that cannot be sharded is a ShardingError naming it, before compiling
         validate_state(abstract_state, mesh.shape, rules)
     shardings = state_shardings(abstract_state, mesh, rules)
     state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's structure and its parameters as ShapeDtypeStructs (with logical-axis metadata),
+    built without allocating anything: what restoring, sharding plans and conversions start from."""
+    def init() -> Transformer:
+        with nnx.use_eager_sharding(False):
+            return Transformer(cfg, rngs=nnx.Rngs(0))
+
+    return nnx.split(nnx.eval_shape(init))
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules):
