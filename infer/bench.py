@@ -113,19 +113,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--k", type=int, default=4, help="draft tokens per speculative round")
     args = p.parse_args(argv)
-    from train.host_memory import keep_freed_host_memory_or_exit
+    from sharding.host_memory import keep_freed_host_memory_or_exit
 
     keep_freed_host_memory_or_exit("python -m infer.bench")  # before JAX's first computation
 
     if args.run:
-        from train.checkpoint import load_for_inference
+        from model.checkpoint import load_for_inference
 
-        cfg, model, tokenizer, _ = load_for_inference(args.run)
+        config, model, tokenizer, _ = load_for_inference(args.run)
         prompt = [int(i) for i in tokenizer.encode("ROMEO:")] if tokenizer.kind == "char" else [0]
         val_ids = None
-        if cfg.data.path and os.path.isfile(cfg.data.path):
-            ids = tokenizer.encode(open(cfg.data.path).read())
-            val_ids = np.asarray(ids[int(len(ids) * (1 - cfg.data.val_fraction)):])
+        data = config.get("data", {})
+        if data.get("path") and os.path.isfile(data["path"]):
+            ids = tokenizer.encode(open(data["path"]).read())
+            val_ids = np.asarray(ids[int(len(ids) * (1 - data.get("val_fraction", 0.1))):])
         name = args.run
     else:
         from model import build_model, preset
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     # 3. speculative vs plain.
     if args.draft:
         from infer.speculative import speculative_generate
-        from train.checkpoint import load_for_inference
+        from model.checkpoint import load_for_inference
 
         _, draft, _, _ = load_for_inference(args.draft)
         n_spec = S - len(prompt) - args.k - 1

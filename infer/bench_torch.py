@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib.util
 
-    from train.host_memory import keep_freed_host_memory_or_exit
+    from sharding.host_memory import keep_freed_host_memory_or_exit
 
     host_memory = keep_freed_host_memory_or_exit("python -m infer.bench_torch")  # before JAX's first computation
     import jax
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_line()}")
     print(f"versions: python {platform.python_version()}, jax {jax.__version__}, device {jax.devices()[0].device_kind}; {torch_note}")
-    print(f"jaxlm keeps freed host memory (train/host_memory.py): {host_memory}")
+    print(f"jaxlm keeps freed host memory (sharding/host_memory.py): {host_memory}")
     print(f"greedy decoding, median over {args.rounds} interleaved generate calls, each framework in its own process\n")
     print("| model | batch | prompt + new | framework | generate ms | new tokens/s | compile s | CPU ms "
           "| PyTorch/jaxlm time | same tokens |")

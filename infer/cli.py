@@ -47,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--attention", choices=("xla", "pallas", "cudnn"), default="xla",
-                   help="attention implementation for sampling, whatever the checkpoint was trained with "
-                        "(default xla: the KV-cache sampler needs it; the kernels compute full sequences)")
     p.add_argument("--matmul", choices=("xla", "pallas"), default="xla",
                    help="dense-layer matmul for sampling, whatever the checkpoint was trained with (default xla; "
                         "pallas needs a GPU/TPU)")
@@ -89,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+    from sharding.host_memory import HostMemorySettingError, keep_freed_host_memory
 
     # Orbax logs routine notes (read-only manager options, ...) as absl warnings; a command's stderr
     # is for what the user must act on.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        keep_freed_host_memory()  # before JAX's first computation: see train/host_memory.py
+        keep_freed_host_memory()  # before JAX's first computation: see sharding/host_memory.py
         return args.func(args)
     except (UserError, HostMemorySettingError) as e:
         print(f"python -m infer {args.command}: error: {e}", file=sys.stderr)
@@ -125,11 +122,11 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 
 def load_checkpoint(run: str, step: int | None):
-    """(cfg, model, tokenizer, step) via train.checkpoint.load_for_inference, user errors as UserError."""
+    """model.checkpoint.load_for_inference (config, model, tokenizer, step), user errors as UserError."""
     if not Path(run).is_dir():
         raise UserError(f"--run={run}: no such run or checkpoint directory")
-    from train.checkpoint import load_for_inference
-    from train.config import ConfigError
+    from model.checkpoint import load_for_inference
+    from model.config import ConfigError
 
     try:
         return load_for_inference(run, step)
@@ -140,9 +137,6 @@ def load_checkpoint(run: str, step: int | None):
 
 
 def check_sampling_kernels(args: argparse.Namespace) -> None:
-    if args.attention != "xla":
-        raise UserError(f"--attention={args.attention}: the KV-cache sampler attends over a partly filled cache, "
-                        "which only --attention xla implements (the kernels are for training)")
     if args.matmul == "pallas":
         from pallas_kernels.platform import PallasPlatformError, check_pallas_platform
 
@@ -155,10 +149,10 @@ def check_sampling_kernels(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     check_sampling_kernels(args)
-    cfg, model, tokenizer, step = load_checkpoint(args.run, args.step)
+    _, model, tokenizer, _ = load_checkpoint(args.run, args.step)
     from model.transformer import with_kernels
 
-    model = with_kernels(model, args.attention, args.matmul)
+    model = with_kernels(model, "xla", args.matmul)  # the KV-cache path attends with jnp attention
     try:
         ids = [int(i) for i in tokenizer.encode(args.prompt)]
     except ValueError as e:  # e.g. a character the char tokenizer does not know
@@ -224,9 +218,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     hf = _hf_module()
-    load_checkpoint(args.run_dir, args.step)  # user errors (missing run, bad step) as one line
+    loaded = load_checkpoint(args.run_dir, args.step)  # user errors (missing run, bad step) as one line
     try:
-        out = hf.export_hf(args.run_dir, args.hf_dir, args.step)
+        out = hf.export_hf(loaded, args.hf_dir)
     except hf.HFError as e:
         raise UserError(str(e)) from None
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
@@ -238,10 +232,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--batch={args.batch} must be a positive integer")
     if args.step is not None and args.step < 0:
         raise UserError(f"--step={args.step} must be >= 0")
-    load_checkpoint(args.run, args.step)  # user errors (missing run, bad step) as one line
+    loaded = load_checkpoint(args.run, args.step)  # user errors (missing run, bad step) as one line
     from infer.export import export_run
 
-    out = export_run(args.run, args.out, step=args.step, batch=args.batch,
-                     quantize=None if args.quantize == "none" else args.quantize)
+    out = export_run(loaded, args.out, batch=args.batch, quantize=None if args.quantize == "none" else args.quantize)
     print(f"wrote {out} (run it with: python -m infer.load_exported {out} --ids ...)")
     return 0

@@ -74,10 +74,10 @@ def export_model(model, tokenizer_json: str | None, out: str | Path, *, batch: i
     return out
 
 
-def export_run(run: str | Path, out: str | Path, *, step: int | None = None, batch: int = 1,
+def export_run(run, out: str | Path, *, step: int | None = None, batch: int = 1,
                quantize: str | None = None) -> Path:
-    """Export the latest (or given) checkpoint of a run directory."""
-    from train.checkpoint import load_for_inference
+    """Export the latest (or given) checkpoint of a run directory (or a `LoadedModel` already loaded)."""
+    from model.checkpoint import LoadedModel, load_for_inference
 
-    _, model, tokenizer, _ = load_for_inference(run, step)
+    _, model, tokenizer, _ = run if isinstance(run, LoadedModel) else load_for_inference(run, step)
     return export_model(model, tokenizer.to_json(), out, batch=batch, quantize=quantize)

@@ -237,11 +237,12 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Convert a Hugging Face model directory into a jaxlm run directory (checkpoint step 0)."""
     import jax
+    import yaml
     from flax import nnx
 
-    from model.transformer import Transformer
-    from train.config import ExperimentConfig, from_dict
-    from train.data.tokenizers import BPETokenizer
+    from model.checkpoint import save_model
+    from model.tokenizer import BPETokenizer
+    from model.transformer import abstract_model
 
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not (hf_dir / "config.json").is_file():
@@ -260,38 +261,36 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     params = params_from_hf(read_safetensors(hf_dir), cfg)
 
     # Check every tensor against the shapes jaxlm builds for this config before writing anything.
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))))
-    want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+    want = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(abstract_model(cfg)[1]))
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if want != got:
         raise HFError(f"{hf_dir}: tensor shapes do not match config.json (expected {want}, got {got})")
-    exp = from_dict({"model": dataclasses.asdict(cfg), "data": {"tokenizer": "bpe"},
-                     "run": {"name": run_dir.name, "dir": str(run_dir)}})
-    from train.checkpoint import save_inference_checkpoint
-
+    # The experiment sections an imported model has; the trainer fills in the defaults of the rest.
+    config = {"model": dataclasses.asdict(cfg), "data": {"tokenizer": "bpe", "seq_len": cfg.max_seq_len},
+              "run": {"name": run_dir.name, "dir": str(run_dir)}}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(exp.to_yaml())
-    save_inference_checkpoint(run_dir / "checkpoints", 0, jax.tree.map(np.asarray, params), exp.to_dict(),
-                              tokenizer.to_json())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    save_model(run_dir / "checkpoints", 0, jax.tree.map(np.asarray, params), config, tokenizer.to_json())
     return run_dir
 
 
-def export_hf(run_dir: str | Path, hf_dir: str | Path, step: int | None = None) -> Path:
-    """Write a run's checkpoint as a Hugging Face directory: config.json, model.safetensors and,
-    for a BPE tokenizer, tokenizer.json (char and byte tokenizers have no transformers equivalent)."""
+def export_hf(run, hf_dir: str | Path, step: int | None = None) -> Path:
+    """Write a run's checkpoint (a run directory, or a `LoadedModel` already loaded) as a Hugging Face
+    directory: config.json, model.safetensors and, for a BPE tokenizer, tokenizer.json (char and byte
+    tokenizers have no transformers equivalent)."""
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from train.checkpoint import load_for_inference
+    from model.checkpoint import LoadedModel, load_for_inference
 
-    cfg, model, tokenizer, _ = load_for_inference(run_dir, step)
-    family(cfg.model)  # fail before writing anything
+    _, model, tokenizer, _ = run if isinstance(run, LoadedModel) else load_for_inference(run, step)
+    cfg = model.cfg
+    family(cfg)  # fail before writing anything
     hf_dir = Path(hf_dir)
     hf_dir.mkdir(parents=True, exist_ok=True)
-    tensors = params_to_hf(nnx.to_pure_dict(nnx.state(model)), cfg.model)
+    tensors = params_to_hf(nnx.to_pure_dict(nnx.state(model)), cfg)
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    (hf_dir / "config.json").write_text(json.dumps(hf_config_from_model(cfg.model), indent=2))
+    (hf_dir / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=2))
     if tokenizer.kind == "bpe":
         (hf_dir / "tokenizer.json").write_text(json.dumps(json.loads(tokenizer.to_json())["tokenizer"]))
     return hf_dir

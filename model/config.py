@@ -8,7 +8,15 @@ checkpoint, so a checkpoint alone rebuilds its model.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file, an override, a saved config or a combination of values."""
+
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -66,36 +74,36 @@ class ModelConfig:
         return 4 * self.d_model
 
     def validate(self) -> "ModelConfig":
-        """Raise ValueError naming the field and what is allowed; return self when valid."""
-        _choice("model.norm", self.norm, NORMS)
-        _choice("model.positions", self.positions, POSITIONS)
-        _choice("model.mlp", self.mlp, MLPS)
-        _choice("model.param_dtype", self.param_dtype, DTYPES)
-        _choice("model.compute_dtype", self.compute_dtype, DTYPES)
-        _choice("model.attention", self.attention, ATTENTION_IMPLS)
-        _choice("model.matmul", self.matmul, MATMUL_IMPLS)
-        _choice("model.norm_impl", self.norm_impl, NORM_IMPLS)
+        """Raise ConfigError naming the field and what is allowed; return self when valid."""
+        choice("model.norm", self.norm, NORMS)
+        choice("model.positions", self.positions, POSITIONS)
+        choice("model.mlp", self.mlp, MLPS)
+        choice("model.param_dtype", self.param_dtype, DTYPES)
+        choice("model.compute_dtype", self.compute_dtype, DTYPES)
+        choice("model.attention", self.attention, ATTENTION_IMPLS)
+        choice("model.matmul", self.matmul, MATMUL_IMPLS)
+        choice("model.norm_impl", self.norm_impl, NORM_IMPLS)
         if self.attention != "xla" and self.dropout > 0:
-            raise ValueError(f"model.attention={self.attention!r} has no attention dropout; set model.dropout=0 "
+            raise ConfigError(f"model.attention={self.attention!r} has no attention dropout; set model.dropout=0 "
                              "or use model.attention='xla'")
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer")
         for name in ("vocab_size", "n_kv_heads", "d_ff"):
             if getattr(self, name) < 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 means automatic)")
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 (0 means automatic)")
         if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.kv_heads}"
             )
         if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head dim, got d_model/n_heads={self.head_dim}")
+            raise ConfigError(f"rope needs an even head dim, got d_model/n_heads={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta={self.rope_theta} must be positive")
+            raise ConfigError(f"model.rope_theta={self.rope_theta} must be positive")
         return self
 
     def num_params(self, include_embedding: bool = True) -> int:
@@ -123,9 +131,10 @@ class ModelConfig:
         return 6.0 * n + 12.0 * self.n_layers * self.d_model * seq_len
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ConfigError unless `value` is one of `allowed`."""
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 _GPT2 = dict(norm="layernorm", positions="learned", mlp="gelu", bias=True, tie_embeddings=True)
@@ -153,6 +162,60 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     """A named preset with field overrides, validated."""
-    if name not in PRESETS:
-        raise ValueError(f"model.preset={name!r} is not one of {', '.join(PRESETS)}")
+    choice("model.preset", name, tuple(PRESETS))
     return dataclasses.replace(PRESETS[name], **overrides).validate()
+
+
+def model_config_from_dict(body: dict[str, Any]) -> ModelConfig:
+    """The model section of a config (YAML, overrides or a checkpoint's saved config): `preset`
+    picks the starting point, every other key overrides one field, checked and coerced."""
+    body = dict(body)
+    base = PRESETS[_preset_name(body.pop("preset"))] if "preset" in body else ModelConfig()
+    return build_section("model", base, body, extra_allowed=" (or preset)")
+
+
+def _preset_name(name: Any) -> str:
+    choice("model.preset", str(name), tuple(PRESETS))
+    return str(name)
+
+
+def build_section(name: str, base: Any, body: dict[str, Any], extra_allowed: str = "") -> Any:
+    """`base` (a frozen config dataclass) with the fields in `body` replaced, each coerced to the
+    field's type; an unknown key or a value of the wrong type is a ConfigError naming `name.key`."""
+    hints = typing.get_type_hints(type(base))
+    fields = {f.name for f in dataclasses.fields(base)}
+    values = {}
+    for key, value in body.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {name}.{key}; allowed: {', '.join(sorted(fields))}{extra_allowed}")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return dataclasses.replace(base, **values)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if isinstance(typ, types.UnionType):
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    raise ConfigError(f"{key}: unsupported config type {typ}")

@@ -35,18 +35,13 @@ def memory_plan(cfg, mesh_shape: dict[str, int]) -> dict[str, float]:
     import jax
     from flax import nnx
 
-    from model.transformer import Transformer
+    from model.transformer import abstract_model
     from sharding.rules import rules_for, validate_state
     from train.optim import make_optimizer
 
     rules = rules_for(cfg.mesh.rules)
     m = cfg.model
-
-    def init():
-        with nnx.use_eager_sharding(False):
-            return Transformer(m, rngs=nnx.Rngs(0))
-
-    _, abstract = nnx.split(nnx.eval_shape(init))
+    _, abstract = abstract_model(m)
     validate_state(abstract, mesh_shape, rules)
     params = 0.0
     param_elems = 0

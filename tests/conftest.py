@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # As the jaxlm commands do, before JAX's first computation: XLA:CPU's per-call buffers then come
-# from memory the process keeps instead of fresh, page-faulting mmaps (train/host_memory.py).
-from train.host_memory import keep_freed_host_memory  # noqa: E402
+# from memory the process keeps instead of fresh, page-faulting mmaps (sharding/host_memory.py).
+from sharding.host_memory import keep_freed_host_memory  # noqa: E402
 
 keep_freed_host_memory()

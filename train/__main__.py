@@ -24,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("experiment", help="experiment YAML, or a run directory to resume")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    from train.host_memory import HostMemorySettingError, keep_freed_host_memory
+    from sharding.host_memory import HostMemorySettingError, keep_freed_host_memory
 
     try:
-        keep_freed_host_memory()  # before JAX's first computation: see train/host_memory.py
+        keep_freed_host_memory()  # before JAX's first computation: see sharding/host_memory.py
     except HostMemorySettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

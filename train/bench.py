@@ -31,7 +31,7 @@ experiments/results.md, issue 7). On a machine shared with other work, spinning 
 for cores: there, set OMP_WAIT_POLICY=PASSIVE yourself and say so with the figures. Without torch
 installed the PyTorch columns are skipped with a note (`pip install jaxlm[bench]`).
 
-This process turns on train/host_memory.py (as `python -m train` does) before JAX starts, and the
+This process turns on sharding/host_memory.py (as `python -m train` does) before JAX starts, and the
 header says so: without it every jaxlm step page-faults in its temporaries afresh. The PyTorch
 worker keeps glibc's defaults: its eager step makes few faults and measured no faster with them.
 """
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.block < 1 or args.batch_large < 1:
         parser.exit(2, "python -m train.bench: error: --steps, --block and --batch-large must be >= 1\n")
 
-    from train.host_memory import keep_freed_host_memory_or_exit
+    from sharding.host_memory import keep_freed_host_memory_or_exit
 
     host_memory = keep_freed_host_memory_or_exit("python -m train.bench")  # before JAX's first computation
     import jax
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         peak = max(peak, tpeak)
     print(f"machine: {machine_line()}")
     print(f"versions: python {platform.python_version()}, jax {jax.__version__}, device {device.device_kind}; {torch_note}")
-    print(f"jaxlm keeps freed host memory (train/host_memory.py): {host_memory}")
+    print(f"jaxlm keeps freed host memory (sharding/host_memory.py): {host_memory}")
     print(f"float32 matmul peak (512x512, measured now): {peak_note}; MFU uses the larger")
     print(f"each figure: median over {args.steps} steps (forward, backward: {max(args.steps // 2, 5)}), "
           f"interleaved in blocks of {args.block}, each framework in its own process\n")

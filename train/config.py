@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from model.config import PRESETS, ModelConfig
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file, an override or a combination of values."""
+from model.config import ConfigError, ModelConfig, build_section, choice, model_config_from_dict
 
 
 SOURCES = ("python_stdlib", "tinyshakespeare", "files", "url")
@@ -50,9 +44,9 @@ class DataConfig:
     worker_count: int = 0  # Grain worker processes (0 = in the main process)
 
     def validate(self) -> "DataConfig":
-        _choice("data.source", self.source, SOURCES)
-        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
-        _choice("data.sampling", self.sampling, SAMPLING)
+        choice("data.source", self.source, SOURCES)
+        choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        choice("data.sampling", self.sampling, SAMPLING)
         if self.source == "files" and not self.path:
             raise ConfigError("data.path is required with data.source=files (a file, directory or glob)")
         if self.source == "url" and not self.url:
@@ -178,7 +172,7 @@ class MeshConfig:
                 raise ConfigError(f"mesh.{a}={v} must be a positive integer or -1 (the remaining devices)")
             if getattr(self, f"dcn_{a}") < 1:
                 raise ConfigError(f"mesh.dcn_{a}={getattr(self, f'dcn_{a}')} must be a positive integer")
-        _choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
+        choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
         if self.microbatches < 0 or self.num_devices < 0 or self.num_processes < 0:
             raise ConfigError("mesh.microbatches, mesh.num_devices and mesh.num_processes must be >= 0")
         return self
@@ -228,13 +222,7 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            try:
-                section.validate()
-            except ConfigError:
-                raise
-            except ValueError as e:  # ModelConfig raises plain ValueError
-                raise ConfigError(str(e)) from None
+            getattr(self, f.name).validate()
         if self.model.max_seq_len < self.data.seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
@@ -326,59 +314,7 @@ def from_dict(tree: dict[str, dict[str, Any]]) -> ExperimentConfig:
     sections = {}
     for name, cls in _SECTION_TYPES.items():
         body = dict(tree.get(name) or {})
-        base = cls()
-        if name == "model" and "preset" in body:
-            preset_name = body.pop("preset")
-            if preset_name not in PRESETS:
-                raise ConfigError(f"model.preset={preset_name!r} is not one of {', '.join(PRESETS)}")
-            base = PRESETS[preset_name]
-        sections[name] = _build_section(name, base, body)
+        sections[name] = model_config_from_dict(body) if name == "model" else build_section(name, cls(), body)
     if sections["data"].seq_len == 0:
         sections["data"] = dataclasses.replace(sections["data"], seq_len=sections["model"].max_seq_len)
     return ExperimentConfig(**sections).validate()
-
-
-def _build_section(name: str, base: Any, body: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(type(base))
-    fields = {f.name for f in dataclasses.fields(base)}
-    extra = " (or preset)" if name == "model" else ""
-    values = {}
-    for key, value in body.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key {name}.{key}; allowed: {', '.join(sorted(fields))}{extra}")
-        values[key] = _coerce(f"{name}.{key}", value, hints[key])
-    return dataclasses.replace(base, **values)
-
-
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    if isinstance(typ, types.UnionType):
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r} must be a string")
-    raise ConfigError(f"{key}: unsupported config type {typ}")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")

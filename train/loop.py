@@ -29,7 +29,8 @@ from sharding.mesh import initialize_distributed, make_mesh
 from sharding.pipeline import pipeline_microbatches
 from sharding.rules import ShardingError, check_divisible, logical_to_spec, rules_for, unused_mesh_axes
 from train import data as data_lib
-from train.checkpoint import Checkpointer, read_checkpoint_meta
+from model.checkpoint import read_checkpoint_meta
+from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.guard import NumericalGuard
 from train.metrics import MetricsWriter, peak_flops
@@ -186,9 +187,9 @@ class Trainer:
         peak, peak_source = peak_flops()
         log.info("peak FLOP/s %.3g (%s)", peak, peak_source)
         if jax.default_backend() == "cpu":
-            from train.host_memory import keep_freed_host_memory
+            from sharding.host_memory import keep_freed_host_memory
 
-            log.info("keep freed host memory (train/host_memory.py): %s", keep_freed_host_memory())
+            log.info("keep freed host memory (sharding/host_memory.py): %s", keep_freed_host_memory())
         step_times, compile_time = [], None
         t_start = time.perf_counter()
         pbar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (tc.progress and self.is_main),

@@ -14,7 +14,7 @@ import pytest
 from model import build_model, preset
 from train.checkpoint import Checkpointer
 from train.config import DataConfig, ExperimentConfig
-from train.data import ByteTokenizer, CharTokenizer
+from model.tokenizer import ByteTokenizer, CharTokenizer
 from train.step import init_train_state
 
 ROOT = Path(__file__).resolve().parents[2]

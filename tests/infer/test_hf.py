@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from infer.hf import HFError, export_hf, import_hf, model_config_from_hf  # noqa: E402
-from train.checkpoint import load_for_inference  # noqa: E402
+from model.checkpoint import load_for_inference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 V = 300
@@ -26,7 +26,7 @@ TOKENS = np.array([[5, 17, 250, 3, 99, 42, 7, 7, 120, 299, 0, 64]], np.int64)
 
 
 def tokenizer_json(path: Path) -> None:
-    from train.data.tokenizers import BPETokenizer
+    from model.tokenizer import BPETokenizer
 
     tok = BPETokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=280, progress=False)
     tok._tok.save(str(path / "tokenizer.json"))
@@ -71,11 +71,12 @@ def imported(request, tmp_path_factory):
 
 def test_imported_logits_equal_transformers(imported):
     kind, hf, base = imported
-    cfg, model, tokenizer, step = load_for_inference(base / "run")
+    _, model, tokenizer, step = load_for_inference(base / "run")
+    cfg = model.cfg
     assert step == 0 and tokenizer.kind == "bpe"
     if kind != "gpt2":
-        assert cfg.model.kv_heads == 2 and cfg.model.rope_theta == 500000.0
-        assert cfg.model.tie_embeddings == (kind == "llama_tied")
+        assert cfg.kv_heads == 2 and cfg.rope_theta == 500000.0
+        assert cfg.tie_embeddings == (kind == "llama_tied")
     np.testing.assert_allclose(jax_logits(model, TOKENS), hf_logits(hf, TOKENS), atol=1e-4, rtol=0)
 
 

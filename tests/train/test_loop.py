@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from train.config import ConfigError, load_config
-from train.checkpoint import load_for_inference
+from model.checkpoint import load_for_inference
 from train.loop import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,8 +167,8 @@ def test_run_with_the_cpu_kernels(uninterrupted, tmp_path):
     summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
     assert abs(summary["val_loss"] - reference["val_loss"]) < 1e-3, (summary["val_loss"], reference["val_loss"])
     assert (tmp_path / "cpu" / "samples.txt").read_text().strip()
-    cfg, _, _, _ = load_for_inference(tmp_path / "cpu" / "checkpoints")
-    assert (cfg.model.attention, cfg.model.matmul, cfg.model.norm_impl) == ("xla", "xla", "xla")
+    _, model, _, _ = load_for_inference(tmp_path / "cpu" / "checkpoints")
+    assert (model.cfg.attention, model.cfg.matmul, model.cfg.norm_impl) == ("xla", "xla", "xla")
     if len(jax.devices()) > 1:
         with pytest.raises(ConfigError, match="model.attention='cpu' is a one-device kernel"):
             Trainer(tiny_config(tmp_path, "cpu-mesh", "model.attention=cpu"))

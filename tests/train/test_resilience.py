@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 from train.chaos import _command, compile_cache_env, run_chaos
-from train.checkpoint import Checkpointer, intact_step, load_for_inference, verify_checkpoint
+from model.checkpoint import intact_step, load_for_inference, verify_checkpoint
+from train.checkpoint import Checkpointer
 from train.config import ConfigError, load_config
 from train.guard import SPIKE_WARMUP_STEPS, NonFiniteLossError, NumericalGuard
 from train.loop import Trainer

@@ -12,15 +12,8 @@ from train.data.pipeline import (
 )
 from train.data.sources import Corpus, load_corpus
 from train.data.store import TokenStore
-from train.data.tokenizers import (
-    BPETokenizer,
-    ByteTokenizer,
-    CharTokenizer,
-    Tokenizer,
-    build_tokenizer,
-    encode_documents,
-    tokenizer_from_json,
-)
+from model.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_json
+from train.data.tokenizers import build_tokenizer, encode_documents
 
 __all__ = [
     "ArrayTokens", "BPETokenizer", "ByteTokenizer", "CharTokenizer", "Corpus", "PreparedData", "TokenStore",

@@ -31,7 +31,8 @@ import numpy as np
 from train.config import ConfigError, DataConfig
 from train.data.sources import load_corpus
 from train.data.store import TokenStore, join
-from train.data.tokenizers import Tokenizer, build_tokenizer, encode_documents, tokenizer_from_json
+from model.tokenizer import Tokenizer, tokenizer_from_json
+from train.data.tokenizers import build_tokenizer, encode_documents
 
 STORE_FORMAT = 1  # bump when the stored stream for the same (corpus, tokenizer, split) changes
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = r"""
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from train.host_memory import keep_freed_host_memory
+from sharding.host_memory import keep_freed_host_memory
 status = keep_freed_host_memory()
 import jax, jax.numpy as jnp
 

@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 
 from train.config import ConfigError, DataConfig
-from train.data.tokenizers import (
-    EOS_TEXT,
-    BPETokenizer,
-    ByteTokenizer,
-    CharTokenizer,
-    _split_text,
-    build_tokenizer,
-    encode_documents,
-    tokenizer_from_json,
-)
+from model.tokenizer import EOS_TEXT, BPETokenizer, ByteTokenizer, CharTokenizer, _split_text, tokenizer_from_json
+from train.data.tokenizers import build_tokenizer, encode_documents
 
 TEXT = "def f(x):\n    return x ** 2  # naïve — ünïcode ✓ 日本語 🙂\n\nclass A:\n    pass\n"
 
