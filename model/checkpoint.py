@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -127,11 +128,21 @@ def checkpoint_manager(directory: str | Path, *, read_only: bool = False, keep: 
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True)
     else:
+        if jax.process_index() == 0:
+            remove_torn_writes(directory)
+        # Orbax's own cleanup_tmp_directories runs in a background thread that can outlive a
+        # command stopped by a user error (a traceback at exit); the synchronous sweep above replaces it.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save, create=True,
-                                               temporary_path_class=IntegrityTemporaryPath,
-                                               cleanup_tmp_directories=True)
+                                               temporary_path_class=IntegrityTemporaryPath)
     return ocp.CheckpointManager(directory, options=options)
+
+
+def remove_torn_writes(directory: Path) -> None:
+    """Delete the temporary directories of writes that never committed (a process killed mid-save)."""
+    if directory.is_dir():
+        for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def abstract_like(tree):

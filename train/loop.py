@@ -94,6 +94,16 @@ class Trainer:
                                          min_free_mb=cfg.checkpoint.min_free_mb)
         self.resume_step = self.checkpointer.latest_intact_step()  # torn/corrupt ones are moved aside
 
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            # A user error found from here on (bad data path, ...) is one line: close the manager's
+            # threads first, or Orbax logs a traceback from them as the interpreter exits.
+            self.checkpointer.close()
+            raise
+
+    def _set_up(self, cfg: ExperimentConfig) -> None:
+        """Data, config, model, optimizer, steps and iterator; restored from the checkpoint when resuming."""
         self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress)
         cfg = resolve_vocab(cfg, self.data.tokenizer)
         if self.resume_step is not None:
@@ -130,6 +140,7 @@ class Trainer:
             self.train_iter.set_state(data_state)
             self.guard.load_state_dict(self.checkpointer.restore_guard(self.resume_step))
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
+
 
     @staticmethod
     def build_mesh(cfg: ExperimentConfig):

@@ -176,3 +176,15 @@ def test_run_with_the_cpu_kernels(uninterrupted, tmp_path):
             Trainer(tiny_config(tmp_path, "cpu-mesh2", "model.matmul=cpu"))
         with pytest.raises(ConfigError, match="model.norm_impl='cpu' is a one-device kernel"):
             Trainer(tiny_config(tmp_path, "cpu-mesh3", "model.norm_impl=cpu"))
+
+
+def test_a_data_error_found_after_the_checkpoint_manager_exists_is_one_line(tmp_path):
+    """The data is read after the run's checkpoint manager is open; the user's mistake must still be
+    the only thing on stderr besides the progress log (no thread traceback from Orbax at exit)."""
+    r = subprocess.run([sys.executable, "-m", "train", str(ROOT / "experiments" / "quickstart.yaml"),
+                        "data.source=files", f"data.path={tmp_path / 'nonexistent.txt'}", f"run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("INFO ")]
+    assert lines == [f"error: data.path='{tmp_path / 'nonexistent.txt'}' does not exist (a file, directory or glob "
+                     "is allowed)"]
