@@ -37,9 +37,7 @@ def interpret_backend() -> str | None:
     value = os.environ.get(ENV_VAR, "").strip().lower()
     if not value:
         return None
-    if value in ("1", "true", "yes"):
-        return "gpu"
-    if value not in BACKENDS:
+    if value not in BACKENDS:  # "1" would not say which kernel family: name it
         raise PallasPlatformError(f"{ENV_VAR}={value!r} is not one of {', '.join(BACKENDS)} (or unset)")
     return value
 

@@ -146,6 +146,7 @@ def test_interpret_selection_on_cpu(monkeypatch):
     assert platform.resolve() == ("gpu", True)
     monkeypatch.setenv(platform.ENV_VAR, "tpu")
     assert platform.resolve() == ("tpu", True)
-    monkeypatch.setenv(platform.ENV_VAR, "mps")
-    with pytest.raises(platform.PallasPlatformError, match="JAXLM_PALLAS_INTERPRET='mps' is not one of gpu, tpu"):
-        platform.resolve()
+    for bad in ("mps", "1"):  # "1" does not say which family: an error, not a silent "gpu"
+        monkeypatch.setenv(platform.ENV_VAR, bad)
+        with pytest.raises(platform.PallasPlatformError, match=f"JAXLM_PALLAS_INTERPRET='{bad}' is not one of gpu, tpu"):
+            platform.resolve()

@@ -133,10 +133,6 @@ class TokenStore:
             return self._memory[start:stop].astype(np.int32)
         return np.asarray(self._array[start:stop].read().result()).astype(np.int32)
 
-    def read_all(self) -> np.ndarray:
-        """Every token as int32[len]."""
-        return self.read(0, self._n)
-
     def __repr__(self) -> str:
         # Content, not location: the iterator-state check compares it, and a run directory that was
         # moved or copied must still restore.

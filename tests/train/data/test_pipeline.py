@@ -24,6 +24,7 @@ from train.data import (
 )
 from train.data.sources import TINYSHAKESPEARE_SHA256, file_sha256
 from train.data.store import META_KEY
+from tests.train.data.test_store import read_all
 
 L = 8
 
@@ -69,8 +70,8 @@ def test_prepare_data_splits_the_eos_joined_stream_like_nanogpt(tmp_path, text_d
     docs = [p.read_text() for p in sorted(text_dir.iterdir())]
     stream = encode_documents(ByteTokenizer(), docs, progress=False).astype(np.int32)
     n_train = int(len(stream) * 0.9)
-    assert np.array_equal(data.train.read_all(), stream[:n_train])
-    assert np.array_equal(data.val.read_all(), stream[n_train:])
+    assert np.array_equal(read_all(data.train), stream[:n_train])
+    assert np.array_equal(read_all(data.val), stream[n_train:])
     assert data.stats["n_train_tokens"] == n_train and data.stats["n_val_tokens"] == len(stream) - n_train
     assert data.stats["n_documents"] == 6 and data.stats["n_chars"] == sum(map(len, docs))
     assert data.tokenizer.decode(stream).count("<|endoftext|>") == 5
@@ -267,7 +268,7 @@ def test_eval_sample_iterator_draws_seeded_validation_windows():
 def test_pipeline_over_a_real_token_store(tmp_path, text_dir):
     cfg = cfg_for(source="files", path=str(text_dir))
     data = prepare_data(cfg, tmp_path / "run", progress=False)
-    train = data.train.read_all()
+    train = read_all(data.train)
     b = next(make_train_iterator(data, cfg, 4, seed=0))
     for row_in, row_tgt in zip(b["inputs"], b["targets"]):
         hits = [o for o in range(len(train) - L) if np.array_equal(train[o:o + L], row_in)]
@@ -309,7 +310,7 @@ def test_grain_worker_processes_give_the_in_process_batches_and_resume(tmp_path)
 
     script = tmp_path / "workers.py"
     script.write_text(WORKER_SCRIPT)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # the repository
     env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
