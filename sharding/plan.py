@@ -1,7 +1,14 @@
-"""Memory plan of an experiment on its mesh, printed before anything runs (nothing compiles).
+"""Memory plans, printed before anything runs (nothing compiles): training an experiment on its
+mesh, or serving a model with a KV cache of so many slots.
 
     python -m sharding.plan experiments/quickstart.yaml mesh.fsdp=4 mesh.tensor=2
     python -m sharding.plan experiments/quickstart.yaml model.preset=llama3-8b mesh.fsdp=-1 --devices 256
+    python -m sharding.plan serve llama3-8b --mesh tensor=8 --dtype bfloat16 --slots 32 --context 8192
+
+Serving: the weights per device (exact, from the parameters' shapes and the rule preset, cast to the
+serving dtype) and the KV cache per device (2 x layers x slots x context x KV heads x head dim,
+the KV heads split over what `kv_heads` maps to, the slots over what `batch` maps to), and for each
+named device memory the largest slot count that fits with 10% kept free.
 
 Per device: parameters, optimizer state and gradients (exact, from the parameters' shapes and the
 rule preset's shardings), and activations kept for the backward pass (an estimate, no remat: per
@@ -21,6 +28,7 @@ ACCELERATOR_GIB = {  # memory per chip / GPU
     "TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "H100": 80, "A100": 80,
 }
 HEADROOM = 0.9  # fraction of an accelerator's memory a plan may use
+SERVING_MEMORY_GIB = {"v5e": 16, "v5p": 95, "h100": 80}  # named device memories for `serve --memory`
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -70,6 +78,108 @@ def memory_plan(cfg, mesh_shape: dict[str, int]) -> dict[str, float]:
             "total": total}
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=2,tensor=4' -> {'data': 1, 'fsdp': 2, 'tensor': 4, 'sequence': 1, 'stage': 1}."""
+    from sharding.rules import MESH_AXES, ShardingError
+
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+            raise ShardingError(f"--mesh item {item!r} must be AXIS=N with N >= 1 and AXIS one of {', '.join(MESH_AXES)}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def serving_plan(m, mesh_shape: dict[str, int], rules, *, dtype: str, slots: int, context: int) -> dict[str, float]:
+    """Bytes per device of serving model config `m`: weights, kv_cache (for `slots` x `context`),
+    kv_per_slot, total. A mesh that cannot split the heads or the slots is a ShardingError naming
+    the numbers and what would work."""
+    import jax
+    from flax import nnx
+
+    from model.transformer import abstract_model
+    from sharding.rules import ShardingError, validate_state
+
+    if context > m.max_seq_len:
+        raise ShardingError(f"--context={context} exceeds the model's max_seq_len={m.max_seq_len}")
+    kv_shards, batch_shards = _shards(("kv_heads", "batch"), mesh_shape, rules)
+    if m.kv_heads % kv_shards:
+        fits = [d for d in range(1, m.kv_heads + 1) if m.kv_heads % d == 0]
+        raise ShardingError(f"{m.kv_heads} KV heads do not split over {kv_shards} devices (the mesh axes kv_heads maps "
+                            f"to); use a tensor size that divides them: {', '.join(map(str, fits))}")
+    if slots % batch_shards:
+        raise ShardingError(f"--slots={slots} does not divide over the {batch_shards} devices the batch maps to; "
+                            f"use a multiple of {batch_shards}")
+    _, abstract = abstract_model(m)
+    validate_state(abstract, mesh_shape, rules)
+    weights = 0.0
+    for var in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        weights += math.prod(var.shape) / math.prod(_shards(axes, mesh_shape, rules)) * _BYTES[dtype]
+    kv_per_slot = 2 * m.n_layers * context * (m.kv_heads // kv_shards) * m.head_dim * _BYTES[dtype]
+    kv_cache = slots // batch_shards * kv_per_slot
+    return {"weights": weights, "kv_cache": kv_cache, "kv_per_slot": kv_per_slot, "total": weights + kv_cache,
+            "batch_shards": batch_shards}
+
+
+def max_slots(plan: dict[str, float], memory_gib: float) -> int:
+    """The most slots (a multiple of the batch shards) whose KV cache fits beside the weights in
+    `memory_gib` per device with HEADROOM kept."""
+    free = memory_gib * 2.0**30 * HEADROOM - plan["weights"]
+    return max(0, int(free // plan["kv_per_slot"])) * int(plan["batch_shards"])
+
+
+def serve_main(argv: list[str]) -> int:
+    from model.config import PRESETS, ConfigError, preset
+    from sharding.rules import RULE_PRESETS, ShardingError, rules_for
+
+    parser = argparse.ArgumentParser(prog="python -m sharding.plan serve",
+                                     description="Weights and KV cache per device for serving a model.")
+    parser.add_argument("preset", help=f"model preset: {', '.join(PRESETS)}")
+    parser.add_argument("--mesh", default="", help="e.g. tensor=8 or fsdp=2,tensor=4 (default: one device)")
+    parser.add_argument("--rules", default="fsdp_tp", help=f"rule preset: {', '.join(RULE_PRESETS)} (default fsdp_tp)")
+    parser.add_argument("--dtype", default="bfloat16", choices=tuple(_BYTES), help="weights and KV cache dtype")
+    parser.add_argument("--vocab-size", type=int, default=0, help="for presets without one (gpt2-nano, llama-tiny)")
+    parser.add_argument("--slots", type=int, default=8, help="concurrent requests (KV-cache rows)")
+    parser.add_argument("--context", type=int, default=0, help="tokens per slot (default: the model's max_seq_len)")
+    parser.add_argument("--memory", action="append", default=[],
+                        help=f"device memory to fit: {', '.join(SERVING_MEMORY_GIB)} or GiB (repeatable; default all named)")
+    args = parser.parse_args(argv)
+    gib = 2.0**30
+    try:
+        m = preset(args.preset, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+        if not m.vocab_size:
+            raise ConfigError(f"preset {args.preset} has no vocabulary size (it comes from a run's tokenizer); "
+                              "give --vocab-size")
+        context = args.context or m.max_seq_len
+        if args.slots < 1 or context < 1:
+            raise ShardingError(f"--slots={args.slots} and --context={context} must be positive")
+        memories = {}
+        for item in args.memory or list(SERVING_MEMORY_GIB):
+            try:
+                memories[item] = SERVING_MEMORY_GIB[item] if item in SERVING_MEMORY_GIB else float(item)
+            except ValueError:
+                raise ShardingError(f"--memory={item!r} is not one of {', '.join(SERVING_MEMORY_GIB)} "
+                                    "or a number of GiB") from None
+        mesh_shape = parse_mesh(args.mesh)
+        plan = serving_plan(m, mesh_shape, rules_for(args.rules), dtype=args.dtype, slots=args.slots, context=context)
+    except (ConfigError, ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"model: {args.preset}, {m.num_params() / 1e9:.2f}B parameters served in {args.dtype}; "
+          f"{args.slots} slots x {context} tokens")
+    print(f"mesh: {math.prod(mesh_shape.values())} devices  "
+          + "  ".join(f"{a}={s}" for a, s in mesh_shape.items()) + f"  rules={args.rules}")
+    print(f"\n{'per device':<14}{'GiB':>10}")
+    for k in ("weights", "kv_cache", "total"):
+        print(f"{k:<14}{plan[k] / gib:>10.3f}")
+    print(f"\n{'memory':<10}{'GiB':>8}{'used':>8}  most slots of {context} tokens (<= {HEADROOM:.0%})")
+    for name, mem in memories.items():
+        print(f"{name:<10}{mem:>8g}{plan['total'] / (mem * gib):>8.1%}  {max_slots(plan, mem)}")
+    return 0
+
+
 def _vocab_size(cfg):
     if cfg.model.vocab_size:
         return cfg
@@ -81,6 +191,9 @@ def _vocab_size(cfg):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", help="experiment YAML")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
