@@ -4,7 +4,8 @@
     python -m infer export-hf RUN_DIR HF_DIR   # a run's checkpoint -> a directory transformers loads
 
 A run directory made by import-hf holds what training would leave for inference: `config.yaml` and
-`checkpoints/0/` (params, resolved config, tokenizer), so `python -m infer sample` accepts it.
+`checkpoints/0/` (params, resolved config, tokenizer), so `python -m infer sample` accepts it. The
+tokenizer keeps the model's chat template (tokenizer_config.json or chat_template.jinja) for chat.
 Reading and writing needs only `safetensors` (and jax); `transformers` and `torch` (the `hf` extra)
 are needed only to load the exported directory in transformers.
 
@@ -253,7 +254,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         raise HFError(f"{run_dir} already holds checkpoints; choose a new run directory")
     cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     try:
-        tokenizer = BPETokenizer.load(hf_dir / "tokenizer.json")
+        tokenizer = with_hf_chat_template(BPETokenizer.load(hf_dir / "tokenizer.json"), hf_dir)
     except ValueError as e:
         raise HFError(str(e)) from None
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -272,6 +273,45 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     save_model(run_dir / "checkpoints", 0, jax.tree.map(np.asarray, params), config, tokenizer.to_json())
     return run_dir
+
+
+def with_hf_chat_template(tokenizer, hf_dir: str | Path):
+    """`tokenizer` carrying the directory's chat template (`chat_template.jinja`, else
+    tokenizer_config.json's `chat_template`, the "default" one of a list) and its bos/eos token
+    strings, so the server renders imported models' conversations as transformers does. Without a
+    template the tokenizer is returned as it is (jaxlm's own template applies)."""
+    from model.chat_template import ChatTemplate
+
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise HFError(f"{config_path} is not valid JSON: {e}") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if (hf_dir / "chat_template.jinja").is_file():  # what newer transformers write
+        template = (hf_dir / "chat_template.jinja").read_text()
+    if not isinstance(template, str):
+        return tokenizer
+
+    def token(key):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
+
+    bos, eos = token("bos_token"), token("eos_token")
+    # A bos/eos string the template writes must parse as its token: register it (an id it already
+    # has in the vocabulary is kept; a new one is caught by the vocabulary-size check).
+    tokenizer = tokenizer.with_special_tokens([t for t in (bos, eos) if t is not None])
+    tokenizer = tokenizer.with_chat_template(template, bos_token=bos, eos_token=eos)
+    try:
+        ChatTemplate(tokenizer)  # compiles the template: a syntax error is caught at import
+    except ValueError as e:
+        raise HFError(f"{hf_dir}: {e}") from None
+    return tokenizer
 
 
 def export_hf(run, hf_dir: str | Path, step: int | None = None) -> Path:
