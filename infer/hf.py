@@ -279,7 +279,7 @@ def with_hf_chat_template(tokenizer, hf_dir: str | Path):
     """`tokenizer` carrying the directory's chat template (`chat_template.jinja`, else
     tokenizer_config.json's `chat_template`, the "default" one of a list) and its bos/eos token
     strings, so the server renders imported models' conversations as transformers does. Without a
-    template the tokenizer is returned as it is (jaxlm's own template applies)."""
+    template only the bos/eos names are kept (jaxlm's own template applies to chat)."""
     from model.chat_template import ChatTemplate
 
     hf_dir = Path(hf_dir)
@@ -294,8 +294,7 @@ def with_hf_chat_template(tokenizer, hf_dir: str | Path):
         template = named.get("default")
     if (hf_dir / "chat_template.jinja").is_file():  # what newer transformers write
         template = (hf_dir / "chat_template.jinja").read_text()
-    if not isinstance(template, str):
-        return tokenizer
+    template = template if isinstance(template, str) else None
 
     def token(key):
         value = config.get(key)
@@ -303,14 +302,20 @@ def with_hf_chat_template(tokenizer, hf_dir: str | Path):
         return value if isinstance(value, str) else None
 
     bos, eos = token("bos_token"), token("eos_token")
-    # A bos/eos string the template writes must parse as its token: register it (an id it already
-    # has in the vocabulary is kept; a new one is caught by the vocabulary-size check).
-    tokenizer = tokenizer.with_special_tokens([t for t in (bos, eos) if t is not None])
+    if template is None:  # no chat: still name the EOS (generation stops there), if it is a control token
+        bos, eos = (t if t in tokenizer.special_tokens else None for t in (bos, eos))
+        if bos is None and eos is None:
+            return tokenizer
+    else:
+        # A bos/eos string the template writes must parse as its token: register it (an id it
+        # already has in the vocabulary is kept; a new one is caught by the vocabulary-size check).
+        tokenizer = tokenizer.with_special_tokens([t for t in (bos, eos) if t is not None])
     tokenizer = tokenizer.with_chat_template(template, bos_token=bos, eos_token=eos)
-    try:
-        ChatTemplate(tokenizer)  # compiles the template: a syntax error is caught at import
-    except ValueError as e:
-        raise HFError(f"{hf_dir}: {e}") from None
+    if template is not None:
+        try:
+            ChatTemplate(tokenizer)  # compiles the template: a syntax error is caught at import
+        except ValueError as e:
+            raise HFError(f"{hf_dir}: {e}") from None
     return tokenizer
 
 

@@ -86,6 +86,10 @@ def test_no_template_keeps_the_tokenizer_as_before_and_a_bad_one_is_an_hf_error(
     import_hf(other, tmp_path / "plain")
     tok = load_for_inference(tmp_path / "plain").tokenizer
     assert tok.chat_template is None and json.loads(tok.to_json()).keys() == {"kind", "tokenizer"}
+    (other / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<nope>"}))
+    import_hf(other, tmp_path / "eos_only")  # no template: the EOS is still named (and an unknown bos ignored)
+    tok = load_for_inference(tmp_path / "eos_only").tokenizer
+    assert tok.chat_template is None and tok.bos_token is None and tok.eos_id == tok.special_tokens["</s>"]
     (other / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
     with pytest.raises(HFError, match="chat template does not compile"):
         import_hf(other, tmp_path / "bad")
