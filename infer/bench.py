@@ -22,6 +22,7 @@ warm-up call that compiles):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -36,18 +37,18 @@ from infer.quantize import dequantize_params, quantize_params, weight_bytes
 from infer.sampler import Sampler
 
 
-def recompute_generate(model, prompts: np.ndarray, max_new_tokens: int, _cache={}) -> np.ndarray:
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _recompute_step(graphdef, params, ctx, last):
+    """ctx (B, S) right-padded, last: () index of the last real token -> (B,) greedy next tokens."""
+    logits, _ = nnx.merge(graphdef, params)(ctx)
+    return jnp.argmax(logits[:, last], axis=-1).astype(jnp.int32)
+
+
+def recompute_generate(model, prompts: np.ndarray, max_new_tokens: int) -> np.ndarray:
     """nanoGPT's generate (greedy): a full forward over the last <= max_seq_len tokens for every token."""
     S = model.cfg.max_seq_len
     graphdef, params = nnx.split(model)
-    key = (graphdef, S)
-    if key not in _cache:
-        @jax.jit
-        def step(params, ctx, last):  # ctx (B, S) right-padded, last: () index of the last real token
-            logits, _ = nnx.merge(graphdef, params)(ctx)
-            return jnp.argmax(logits[:, last], axis=-1).astype(jnp.int32)
-        _cache[key] = step
-    step = _cache[key]
+    step = functools.partial(_recompute_step, graphdef)  # one compile per architecture (jax.jit's cache)
     B, L = prompts.shape
     seq = np.zeros((B, L + max_new_tokens), np.int32)
     seq[:, :L] = prompts

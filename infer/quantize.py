@@ -20,6 +20,7 @@ wo (L, H, Dh, D): contracts axes 1 and 2. lm_head (D, V): contracts axis 0.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ import numpy as np
 
 QUANTIZE_MODES = ("none", "int8")
 
-_CONTRACT = {"embed": (1,), "pos_embed": (1,), "lm_head": (0,), "wo": (1, 2)}  # default for matrices: (1,)
+# Contraction axes by parameter name; every other matrix contracts axis 1. Read-only.
+_CONTRACT = types.MappingProxyType({"embed": (1,), "pos_embed": (1,), "lm_head": (0,), "wo": (1, 2)})
 
 
 @jax.tree_util.register_dataclass
