@@ -10,23 +10,31 @@ so every row decodes exactly as it would alone. Left padding puts every row's la
 in column Lp-1, so one slice of the prefill logits starts all rows.
 
 The model is split once into (graphdef, params) and merged inside the jitted function (as
-train/step.py does). Prefill and the whole decode `lax.while_loop` are one jitted function,
-cached by jax.jit on the static arguments (graphdef, B, Lp, max_new_tokens, the stop-array shape,
-and which features are on: greedy, top-k/top-p sort, min-p, repetition penalty, streaming,
-sliding window); temperature, top-k, top-p, min-p, the penalty, seed, stop ids and per-row
-limits are traced values, so changing them never recompiles. The decode step is kept lean for
-batch 1: weights are cut per layer once before the loop, there are no host calls unless a
-streaming callback is given, no sort unless top-k/top-p is set, and past the context the window
-slides in an outer loop so the inner decode loop has no branch.
+train/step.py does). Prefill and the whole decode `lax.while_loop` are one jitted function
+(`_prefill`, then `_decode_loop` of `_decode_step`, sliding with `_slide_window` past the
+context), cached by jax.jit on the static arguments (graphdef, B, Lp, max_new_tokens, the
+stop-array shape, and which features are on: greedy, top-k/top-p sort, min-p, repetition
+penalty, sliding window); temperature, top-k, top-p, min-p, the penalty, seed, stop ids and
+per-row limits are traced values, so changing them never recompiles. The decode step is kept
+lean for batch 1: weights are cut per layer once before the loop, there are no host calls
+unless a streaming callback is given, no sort unless top-k/top-p is set, and past the context
+the window slides in an outer loop so the inner decode loop has no branch.
+
+Streaming is re-entrant and holds no module state: each Sampler compiles its own streaming
+program, whose host calls go to that Sampler's router with the call's id (a traced argument),
+so concurrent calls, from threads sharing one Sampler or not, each see only their own tokens.
 
 Shape letters: B batch, Lp bucketed prompt length, N max_new_tokens, S cache slots (Lp + N), V vocab.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any, Sequence
+import itertools
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,134 +152,235 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, temperature: jax.Arr
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-# Streaming: the jitted loop calls one fixed host function (so the callback never enters the
-# compile-cache key); it forwards to the callback of the generate() call now running.
-_stream_target: list = [None]
+class _StreamRouter:
+    """Routes the compiled loop's host calls to the `on_token` of the generate call that made them.
 
-
-def _stream_to_host(step, tokens, emitted):
-    if _stream_target[0] is not None:
-        _stream_target[0](int(step), np.asarray(tokens), np.asarray(emitted))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "filtered", "use_min_p",
-                                              "penalized", "stream", "window"))
-def _generate(graphdef, params, tokens, positions, seed, temperature, top_k, top_p, min_p, penalty,
-              stop_seqs, max_new, *, max_new_tokens: int, greedy: bool, filtered: bool, use_min_p: bool = False,
-              penalized: bool = False, stream: bool = False, window: int = 0):
-    """Prefill + decode loop, one program.
-
-    tokens, positions: (B, Lp) int32 (left padding at position -1). stop_seqs: (B, M, T) int32 stop
-    sequences right-aligned, -1 left of a shorter one (all -1: unused); a row stops once its last
-    generated tokens equal one. max_new: (B,) per-row limits (<= max_new_tokens = N).
-    window: 0 = the prompts plus N fit the model's positions; else the model's context S, and when
-    the next token to feed would take position S - 1 every row's last S // 2 tokens are prefilled
-    again into a fresh cache (positions 0..) and decoding continues from there.
-    Returns the generated tokens (B, N) int32 and their counts per row (B,) int32.
+    A compiled program can call only the host function it was traced with, so the callback of one
+    call cannot be baked in without compiling per callback. Instead each Sampler owns one router:
+    its streaming program calls `deliver`, passing the call's id as a traced argument, and the
+    router looks that id up. Ids are unique per call, so concurrent calls (threads sharing one
+    Sampler) each get exactly their own tokens; an id is forgotten when its call returns, so a
+    late host call after an interrupted one finds nothing and is dropped. The table lives as long
+    as the Sampler (no process-wide state).
     """
-    model = nnx.merge(graphdef, dequantize_params(params))  # int8 weights become float here, once per call
-    B, Lp = tokens.shape
-    N = max_new_tokens
-    M, T = stop_seqs.shape[1:]
-    P = T - 1
-    V = model.cfg.vocab_size
-    key = jax.random.key(seed)
-    lengths0 = jnp.max(positions, axis=1) + 1  # (B,) prompt lengths
 
-    def choose(logits, step, seen):  # logits (B, V) -> (B,)
-        if penalized:
-            logits = penalize_repeats(logits, seen, penalty)
-        return sample_logits(logits, jax.random.fold_in(key, step), temperature, top_k, top_p,
-                             greedy=greedy, filtered=filtered, min_p=min_p if use_min_p else None)
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._targets: dict[int, Callable] = {}
+        self._ids = itertools.count(1)
 
-    def stops(history, step):  # does each row's generated text end with one of its stop sequences?
+    @contextlib.contextmanager
+    def open(self, on_token: Callable) -> Iterator[int]:
+        """Register `on_token` for one call; yields the id to pass to the program."""
+        with self._lock:
+            call_id = next(self._ids) % 2**31  # an int32 argument
+            self._targets[call_id] = on_token
+        try:
+            yield call_id
+        finally:
+            with self._lock:
+                del self._targets[call_id]
+
+    def deliver(self, call_id, step, tokens, emitted) -> None:
+        """The host side of the program's io_callback: step (), tokens (B,), emitted (B,) bool."""
+        with self._lock:
+            target = self._targets.get(int(call_id))
+        if target is not None:
+            target(int(step), np.asarray(tokens), np.asarray(emitted))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What every step of one generate call shares, inside the trace: the model and its per-layer
+    weights, the traced sampling values, stop sequences and per-row limits, and the static sizes
+    and feature switches. A plain object closed over by the loop bodies, never a loop carry.
+
+    stop_seqs: (B, M, T) int32 right-aligned stop sequences (-1 left of a shorter one; all -1:
+    unused). max_new: (B,) per-row limits. min_p / penalty: None when the feature is off.
+    window: 0, or the context S past which the window slides. emit(step, tokens, emitted): the
+    streaming host call, or None.
+    """
+
+    model: Any
+    layers: Any
+    key: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array | None
+    penalty: jax.Array | None
+    stop_seqs: jax.Array
+    max_new: jax.Array
+    Lp: int
+    N: int
+    window: int
+    greedy: bool
+    filtered: bool
+    emit: Callable | None
+
+    @property
+    def T(self) -> int:  # longest stop sequence (rounded up to a power of two)
+        return self.stop_seqs.shape[2]
+
+    @property
+    def P(self) -> int:  # history columns in front of the prompt, so the last T tokens are one slice
+        return self.T - 1
+
+    @property
+    def cache_len(self) -> int:
+        return self.Lp + (self.window if self.window else self.N)
+
+    def choose(self, logits: jax.Array, step, seen: jax.Array) -> jax.Array:
+        """The next token per row: logits (B, V) -> (B,) int32 (repetition penalty, then sampling)."""
+        if self.penalty is not None:
+            logits = penalize_repeats(logits, seen, self.penalty)
+        return sample_logits(logits, jax.random.fold_in(self.key, step), self.temperature, self.top_k, self.top_p,
+                             greedy=self.greedy, filtered=self.filtered, min_p=self.min_p)
+
+    def stops(self, history: jax.Array, step) -> jax.Array:
+        """(B,) bool: does each row's generated text end with one of its stop sequences?"""
+        Lp, T, P = self.Lp, self.T, self.P
         tail = jax.lax.dynamic_slice_in_dim(history, step + Lp, T, axis=1)  # (B, T) last T tokens
         generated = jnp.arange(T) + step + Lp >= P + Lp  # (T,) columns that hold generated tokens
         tail = jnp.where(generated, tail, -2)
-        match = (stop_seqs == -1) | (stop_seqs == tail[:, None, :])  # (B, M, T)
-        return jnp.any(jnp.all(match, axis=-1) & jnp.any(stop_seqs >= 0, axis=-1), axis=-1)  # (B,)
+        match = (self.stop_seqs == -1) | (self.stop_seqs == tail[:, None, :])  # (B, M, T)
+        return jnp.any(jnp.all(match, axis=-1) & jnp.any(self.stop_seqs >= 0, axis=-1), axis=-1)  # (B,)
 
-    def emit(step, token, emitted):
-        if stream:
-            io_callback(_stream_to_host, None, step, token, emitted, ordered=True)
 
-    cache_len = Lp + (window if window else N)
-    cache = KVCache.init(model.cfg, batch=B, length=cache_len)
+def _prefill(c: _Call, tokens: jax.Array, positions: jax.Array) -> DecodeState:
+    """Run the prompts (B, Lp) through the model into a fresh cache and sample every row's first
+    token from the logits at column Lp - 1 (left padding puts each row's last token there)."""
+    model = c.model
+    B, Lp = tokens.shape
+    V = model.cfg.vocab_size
+    cache = KVCache.init(model.cfg, batch=B, length=c.cache_len)
     logits, cache = model(tokens, positions, cache=cache)  # (B, Lp, V)
-    history = jnp.concatenate([jnp.full((B, P), -2, jnp.int32), jnp.where(positions >= 0, tokens, -2),
-                               jnp.zeros((B, N), jnp.int32)], axis=1)  # (B, P + Lp + N)
-    if penalized:
+    history = jnp.concatenate([jnp.full((B, c.P), -2, jnp.int32), jnp.where(positions >= 0, tokens, -2),
+                               jnp.zeros((B, c.N), jnp.int32)], axis=1)  # (B, P + Lp + N)
+    if c.penalty is not None:
         prompt_ids = jnp.where(positions >= 0, tokens, V)  # padding scatters out of range: dropped
         seen = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], prompt_ids].set(True, mode="drop")
     else:
         seen = jnp.zeros((B, 1), bool)
-    first = choose(logits[:, -1], 0, seen)  # (B,)
-    history = history.at[:, P + Lp].set(first)
-    if penalized:
+    first = c.choose(logits[:, -1], 0, seen)  # (B,)
+    history = history.at[:, c.P + Lp].set(first)
+    if c.penalty is not None:
         seen = seen.at[jnp.arange(B), first].set(True)
-    emit(0, first, jnp.ones((B,), bool))
-    done = stops(history, 0) | (max_new <= 1)
-    state = DecodeState(
-        tokens=jnp.zeros((B, N), jnp.int32).at[:, 0].set(first),
+    if c.emit is not None:
+        c.emit(0, first, jnp.ones((B,), bool))
+    return DecodeState(
+        tokens=jnp.zeros((B, c.N), jnp.int32).at[:, 0].set(first),
         token=first,
-        positions=lengths0,
+        positions=jnp.max(positions, axis=1) + 1,  # (B,) prompt lengths: the first token's position
         lengths=jnp.ones((B,), jnp.int32),
-        done=done,
+        done=c.stops(history, 0) | (c.max_new <= 1),
         step=jnp.ones((), jnp.int32),
         cache=cache,
         history=history,
         seen=seen,
     )
 
-    layers = split_layers(model)  # weights cut per layer once, outside the loop
 
-    def decode_one(s: DecodeState):
-        logits, cache = model(s.token[:, None], s.positions[:, None], cache=s.cache, layer_params=layers)  # (B, 1, V)
-        return logits[:, 0], cache, s.positions + 1
+def _decode_step(c: _Call, s: DecodeState) -> DecodeState:
+    """Feed every row's last token at its position, sample the next one, and record it; rows
+    already done get token 0, are not counted or streamed, and stay done."""
+    B = s.token.shape[0]
+    logits, cache = c.model(s.token[:, None], s.positions[:, None], cache=s.cache, layer_params=c.layers)  # (B, 1, V)
+    token = c.choose(logits[:, 0], s.step, s.seen)  # (B,)
+    token = jnp.where(s.done, 0, token)
+    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
+    history = jax.lax.dynamic_update_slice_in_dim(s.history, token[:, None], c.P + c.Lp + s.step, axis=1)
+    seen = s.seen.at[jnp.arange(B), token].set(True) if c.penalty is not None else s.seen
+    if c.emit is not None:
+        c.emit(s.step, token, ~s.done)
+    lengths = s.lengths + (~s.done).astype(jnp.int32)
+    done = s.done | c.stops(history, s.step) | (lengths >= c.max_new)
+    return DecodeState(tokens, token, s.positions + 1, lengths, done, s.step + 1, cache, history, seen)
 
-    def slide(s: DecodeState) -> DecodeState:
-        """Prefill every row's `keep - 1` tokens before s.token (left padding excluded) into a fresh
-        cache at positions 0..; s.token is then decoded next, at the position after them (the same
-        as prefilling the last `keep` tokens, without a second kind of step in the decode loop)."""
-        keep = window // 2
-        start = P + Lp + s.step - keep  # history column of the window's first token
-        ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep - 1, axis=1)  # (B, keep - 1)
-        valid = ctx >= 0
-        wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
-        cache = KVCache.init(model.cfg, batch=B, length=cache_len)
-        _, cache = model(jnp.where(valid, ctx, 0), wpos, cache=cache, layer_params=layers)
-        return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))
+
+def _slide_window(c: _Call, s: DecodeState) -> DecodeState:
+    """Prefill every row's `keep - 1` tokens before s.token (keep = window // 2; left padding
+    excluded) into a fresh cache at positions 0..; s.token is then decoded next, at the position
+    after them (the same as prefilling the last `keep` tokens, without a second kind of step in
+    the decode loop)."""
+    B = s.token.shape[0]
+    keep = c.window // 2
+    start = c.P + c.Lp + s.step - keep  # history column of the window's first token
+    ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep - 1, axis=1)  # (B, keep - 1)
+    valid = ctx >= 0
+    wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
+    cache = KVCache.init(c.model.cfg, batch=B, length=c.cache_len)
+    _, cache = c.model(jnp.where(valid, ctx, 0), wpos, cache=cache, layer_params=c.layers)
+    return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))
+
+
+def _decode_loop(c: _Call, s: DecodeState) -> DecodeState:
+    """Decode until every row is done or N tokens are sampled. Within the context it is one
+    `while_loop` of `_decode_step`; past it (c.window) an outer loop of chunks, each a slide (when
+    the next token would take the last position) then an inner decode loop with no branch in it,
+    so a decode step stays one lean program."""
 
     def running(s: DecodeState):
-        return (s.step < N) & ~jnp.all(s.done)
+        return (s.step < c.N) & ~jnp.all(s.done)
+
+    def step(s: DecodeState) -> DecodeState:
+        return _decode_step(c, s)
+
+    if not c.window:
+        return jax.lax.while_loop(running, step, s)
 
     def in_window(s: DecodeState):  # the decode loop runs until the token to feed needs a slide
-        return running(s) & (jnp.max(s.positions) < window - 1)
+        return running(s) & (jnp.max(s.positions) < c.window - 1)
 
-    def body(s: DecodeState) -> DecodeState:
-        logits, cache, nxt = decode_one(s)
-        token = choose(logits, s.step, s.seen)  # (B,)
-        token = jnp.where(s.done, 0, token)
-        tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
-        history = jax.lax.dynamic_update_slice_in_dim(s.history, token[:, None], P + Lp + s.step, axis=1)
-        seen = s.seen.at[jnp.arange(B), token].set(True) if penalized else s.seen
-        emit(s.step, token, ~s.done)
-        lengths = s.lengths + (~s.done).astype(jnp.int32)
-        done = s.done | stops(history, s.step) | (lengths >= max_new)
-        return DecodeState(tokens, token, nxt, lengths, done, s.step + 1, cache, history, seen)
-
-    if not window:
-        state = jax.lax.while_loop(running, body, state)
-        return state.tokens, state.lengths
-
-    # past the context: an outer loop of chunks, each a slide (when needed) then an inner decode
-    # loop with no branch in it, so a decode step stays one lean program.
     def chunk(s: DecodeState) -> DecodeState:
-        s = jax.lax.cond(jnp.max(s.positions) >= window - 1, slide, lambda s: s, s)
-        return jax.lax.while_loop(in_window, body, s)
+        s = jax.lax.cond(jnp.max(s.positions) >= c.window - 1, functools.partial(_slide_window, c), lambda s: s, s)
+        return jax.lax.while_loop(in_window, step, s)
 
-    state = jax.lax.while_loop(running, chunk, state)
+    return jax.lax.while_loop(running, chunk, s)
+
+
+_STATIC_ARGS = ("graphdef", "max_new_tokens", "greedy", "filtered", "use_min_p", "penalized", "window")
+
+
+def _generate_program(graphdef, params, tokens, positions, seed, temperature, top_k, top_p, min_p, penalty,
+                      stop_seqs, max_new, stream_id, *, max_new_tokens: int, greedy: bool, filtered: bool,
+                      use_min_p: bool = False, penalized: bool = False, window: int = 0,
+                      deliver: Callable | None = None):
+    """Prefill + decode loop, one program (jitted by `_jit_generate`).
+
+    tokens, positions: (B, Lp) int32 (left padding at position -1). stop_seqs: (B, M, T) int32
+    stop sequences right-aligned, -1 left of a shorter one (all -1: unused); a row stops once its
+    last generated tokens equal one. max_new: (B,) per-row limits (<= max_new_tokens = N).
+    stream_id: () int32, passed to `deliver(stream_id, step, tokens, emitted)`, the host function
+    this program streams to (None: no host calls).
+    window: 0 = the prompts plus N fit the model's positions; else the model's context S, and when
+    the next token to feed would take position S - 1 every row's last S // 2 tokens are prefilled
+    again into a fresh cache (positions 0..) and decoding continues from there.
+    Returns the generated tokens (B, N) int32 and their counts per row (B,) int32.
+    """
+    model = nnx.merge(graphdef, dequantize_params(params))  # int8 weights become float here, once per call
+    emit = None
+    if deliver is not None:
+        def emit(step, token, emitted):
+            io_callback(deliver, None, stream_id, step, token, emitted, ordered=True)
+
+    c = _Call(model=model, layers=split_layers(model),  # weights cut per layer once, outside the loop
+              key=jax.random.key(seed), temperature=temperature, top_k=top_k, top_p=top_p,
+              min_p=min_p if use_min_p else None, penalty=penalty if penalized else None,
+              stop_seqs=stop_seqs, max_new=max_new, Lp=tokens.shape[1], N=max_new_tokens, window=window,
+              greedy=greedy, filtered=filtered, emit=emit)
+    state = _decode_loop(c, _prefill(c, tokens, positions))
     return state.tokens, state.lengths
+
+
+def _jit_generate(deliver: Callable | None = None):
+    """`_generate_program` jitted, streaming to `deliver` (baked into the compiled program)."""
+    return jax.jit(functools.partial(_generate_program, deliver=deliver), static_argnames=_STATIC_ARGS)
+
+
+# Non-streaming calls of every Sampler share this one (jax.jit caches it on the static arguments,
+# graphdef included); streaming calls use their Sampler's own (see _StreamRouter).
+_generate = _jit_generate()
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -338,6 +447,10 @@ class Sampler:
 
     The compiled program is shared by every Sampler of the same architecture (jax.jit caches on the
     graphdef), so building a Sampler is cheap; keeping one avoids re-splitting the model per call.
+    Streaming calls (`on_token`) run this Sampler's own program, compiled on its first streaming
+    call for each shape, so stream through one long-lived Sampler: `generate(model, ...,
+    on_token=...)` builds a new Sampler and so compiles again on every call. `generate` may be
+    called from several threads at once.
 
     quantize: None/"none" keeps the float parameters; "int8" stores every weight matrix as int8 with
     per-output-channel scales (infer/quantize.py), dequantized inside the compiled program.
@@ -347,6 +460,8 @@ class Sampler:
         self.cfg = model.cfg
         self.graphdef, state = nnx.split(model)
         self.params = prepare(nnx.to_pure_dict(state), quantize)
+        self._streams = _StreamRouter()
+        self._generate_streaming = _jit_generate(self._streams.deliver)  # compiled on the first streaming call
 
     def generate(self, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int | Sequence[int],
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -401,21 +516,19 @@ class Sampler:
         else:
             Lp = bucket_length(longest, S - max_new)
         tokens, positions = pad_prompts(rows, Lp)
-        _stream_target[0] = on_token
-        try:
-            out, lengths = _generate(
+        program = _generate if on_token is None else self._generate_streaming
+        stream = contextlib.nullcontext(0) if on_token is None else self._streams.open(on_token)
+        with stream as stream_id:  # on_token is registered under a fresh id for the length of this call
+            out, lengths = program(
                 self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
                 jnp.asarray(seed, jnp.uint32), jnp.asarray(max(sampling.temperature, 1e-6), jnp.float32),
                 jnp.asarray(sampling.top_k, jnp.int32), jnp.asarray(sampling.top_p, jnp.float32),
                 jnp.asarray(sampling.min_p, jnp.float32), jnp.asarray(sampling.repetition_penalty, jnp.float32),
-                jnp.asarray(stops), jnp.asarray(limits, jnp.int32),
+                jnp.asarray(stops), jnp.asarray(limits, jnp.int32), jnp.asarray(stream_id, jnp.int32),
                 max_new_tokens=max_new, greedy=sampling.greedy, filtered=sampling.filtered,
-                use_min_p=sampling.min_p > 0 and not sampling.greedy, penalized=sampling.penalized,
-                stream=on_token is not None, window=window,
+                use_min_p=sampling.min_p > 0 and not sampling.greedy, penalized=sampling.penalized, window=window,
             )
-            out, lengths = np.asarray(out), np.asarray(lengths)
-        finally:
-            _stream_target[0] = None
+            out, lengths = np.asarray(out), np.asarray(lengths)  # waits for the program (and its host calls)
         return [out[i, :lengths[i]].tolist() for i in range(len(rows))]
 
 

@@ -1,5 +1,7 @@
 """The sampler: cached decoding equals the full forward pass, ragged batches equal single prompts,
-sampling is reproducible from the seed, and EOS / length limits stop rows.
+sampling is reproducible from the seed, and EOS / length limits stop rows; streaming is
+re-entrant (concurrent calls each get their own tokens, without recompiling) and no module in
+infer/ holds mutable module state.
 
 Models are tiny random float32 transformers (one with unrolled layers, one scanned) with a larger
 init_std than training uses, so the logits are far from uniform and greedy argmax does not hinge on
@@ -8,6 +10,13 @@ top-2 gaps ~1e-1).
 """
 
 from __future__ import annotations
+
+import ast
+import functools
+import gc
+import threading
+import weakref
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +196,231 @@ def test_generate_long_slides_the_window_past_the_context(gpt2):
     assert out[:58] == first
     context = (prompt + first)[-32:]
     assert out[58:90] == generate(gpt2, [context], max_new_tokens=32, temperature=0)[0]
+
+
+# ---- re-entrant streaming ---------------------------------------------------------------------
+
+class CompileCounter:
+    """Counts XLA backend compiles (jax.monitoring events) while the `with` block runs."""
+
+    def __enter__(self):
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        return self
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.n += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+class Recorder:
+    """An on_token callback for a one-row call: keeps the emitted tokens and the steps they came at."""
+
+    def __init__(self, peer_started: threading.Event | None = None, started: threading.Event | None = None):
+        self.tokens, self.steps, self.rows = [], [], set()
+        self.peer_started, self.started = peer_started, started
+
+    def __call__(self, step, tokens, emitted):
+        self.rows.add(len(tokens))
+        if self.started is not None:
+            self.started.set()
+        if step == 0 and self.peer_started is not None:
+            self.peer_started.wait(timeout=30)  # hold the first token until the other call streams too
+        if emitted[0]:
+            self.tokens.append(int(tokens[0]))
+            self.steps.append(step)
+
+
+# Two calls with different prompt lengths (buckets 8 and 16) and limits, so their token streams differ.
+CALLS = [(PROMPTS[0], 20), (PROMPTS[2], 9)]
+
+
+def _stream_concurrently(generate_fn):
+    """Run both CALLS at once in two threads, each streaming into its own Recorder; the first
+    token of each call waits until the other call has streamed one, so their host calls
+    interleave (when the runtime runs the two programs side by side). Returns [(out, recorder)]."""
+    started = [threading.Event(), threading.Event()]
+    recorders = [Recorder(peer_started=started[1 - i], started=started[i]) for i in range(2)]
+    results: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def run(i):
+        prompt, n = CALLS[i]
+        barrier.wait(timeout=30)
+        results[i] = generate_fn([prompt], max_new_tokens=n, temperature=0, on_token=recorders[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    return list(zip(results, recorders))
+
+
+def test_concurrent_streaming_calls_each_get_their_own_tokens(gpt2):
+    """Two greedy generate calls with on_token callbacks, at once in two threads sharing one
+    Sampler (one compiled program, one router): each callback receives exactly its own call's
+    tokens, in step order, equal to the non-streamed output of the same call. Repeated so that
+    any interleaving of the two runs' host calls is likely to have been seen."""
+    s = Sampler(gpt2)
+    expected = [s.generate([p], max_new_tokens=n, temperature=0)[0] for p, n in CALLS]
+    assert expected[0] != expected[1][:len(expected[0])]
+    for _ in range(4):
+        for (out, rec), want in zip(_stream_concurrently(s.generate), expected):
+            assert out == want
+            assert rec.tokens == want
+            assert rec.steps == list(range(len(want)))
+            assert rec.rows == {1}
+
+
+def test_concurrent_streaming_through_the_generate_function(gpt2):
+    """The same through `generate(model, ...)`, which builds a Sampler per call."""
+    expected = [generate(gpt2, [p], max_new_tokens=n, temperature=0)[0] for p, n in CALLS]
+    for (out, rec), want in zip(_stream_concurrently(functools.partial(generate, gpt2)), expected):
+        assert out == rec.tokens == want
+
+
+def test_repeated_streaming_calls_do_not_recompile(gpt2):
+    """A Sampler compiles its streaming program once per shape: a second call with the same
+    shapes (other callback, other sampling values and seed) compiles nothing, and a non-streaming
+    call then reuses the shared program."""
+    s = Sampler(gpt2)
+    s.generate([[1, 2, 3]], max_new_tokens=6, temperature=0.7, seed=0, on_token=Recorder())
+    s.generate([[1, 2, 3]], max_new_tokens=6, temperature=0.7, seed=0)
+    with CompileCounter() as compiles:
+        rec = Recorder()
+        out = s.generate([[4, 5, 6, 7]], max_new_tokens=6, temperature=1.1, top_k=0, seed=3, on_token=rec)[0]
+        s.generate([[9]], max_new_tokens=6, temperature=0.2, seed=1)
+    assert compiles.n == 0
+    assert rec.tokens == out and len(out) == 6
+
+
+def test_a_dropped_sampler_frees_its_streaming_program(gpt2):
+    """Per-Sampler programs must not pile up: once a Sampler that streamed is gone, its router
+    (held by its compiled program's host callback) is freed too."""
+    s = Sampler(gpt2)
+    s.generate([[1, 2]], max_new_tokens=3, temperature=0, on_token=Recorder())
+    router = weakref.ref(s._streams)
+    del s
+    gc.collect()
+    assert router() is None
+
+
+MUTABLE_FACTORIES = {
+    "list", "dict", "set", "bytearray",
+    "collections.defaultdict", "collections.OrderedDict", "collections.Counter", "collections.deque",
+    "collections.ChainMap", "queue.Queue", "queue.SimpleQueue", "queue.LifoQueue", "queue.PriorityQueue",
+    "asyncio.Queue", "asyncio.Lock", "asyncio.Event", "asyncio.Condition", "asyncio.Semaphore",
+    "itertools.count", "threading.Lock", "threading.RLock", "threading.Event", "threading.Condition",
+    "threading.Semaphore", "threading.BoundedSemaphore", "threading.local",
+    "weakref.WeakKeyDictionary", "weakref.WeakValueDictionary", "weakref.WeakSet",
+}
+MUTABLE_LITERALS = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+
+
+def _qualified_names(tree: ast.Module) -> dict[str, str]:
+    """Local name -> dotted name for the module's imports (`from collections import deque as d`:
+    d -> collections.deque; `import threading as th`: th -> threading)."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                names[a.asname or a.name] = f"{node.module}.{a.name}"
+    return names
+
+
+def _is_mutable(value: ast.expr | None, names: dict[str, str]) -> bool:
+    if isinstance(value, MUTABLE_LITERALS):
+        return True
+    if not isinstance(value, ast.Call):
+        return False
+    func = value.func
+    if isinstance(func, ast.Name):
+        dotted = names.get(func.id, func.id)
+    elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        dotted = f"{names.get(func.value.id, func.value.id)}.{func.attr}"
+    else:
+        return False
+    return dotted in MUTABLE_FACTORIES
+
+
+def _module_level(body: list[ast.stmt]):
+    """Statements run at import: the module body and the blocks of its if/try/with/for (not the
+    bodies of functions and classes)."""
+    for node in body:
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from _module_level(getattr(node, field, []))
+
+
+def mutable_module_state(path: Path) -> list[str]:
+    """What test_infer_modules_hold_no_mutable_module_state forbids, found in one file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = _qualified_names(tree)
+    found = []
+    for node in _module_level(tree.body):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id != "__all__" and _is_mutable(node.value, names):
+                    found.append(f"{path}:{node.lineno}: {t.id} is a mutable {ast.unparse(node.value)[:40]}")
+        functions = [node] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+        if isinstance(node, ast.ClassDef):
+            functions = [n for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for f in functions:
+            for d in f.args.defaults + [d for d in f.args.kw_defaults if d is not None]:
+                if _is_mutable(d, names):
+                    found.append(f"{path}:{d.lineno}: {f.name}() has a mutable default {ast.unparse(d)[:40]}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.append(f"{path}:{node.lineno}: `global {', '.join(node.names)}` rebinds module state")
+    return found
+
+
+def test_the_mutable_state_rule_catches_what_it_should(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import collections, threading as th\nfrom weakref import WeakKeyDictionary as WKD\n"
+        "A = []\nB: dict = {}\nC = set()\nD = collections.deque()\nE = th.Lock()\nF = WKD()\n"
+        "G = {k: 1 for k in 'ab'}\nif True:\n    H = list()\n"
+        "def f(x=[]):\n    global A\n"
+        "class K:\n    def m(self, *, y={}):\n        pass\n")
+    found = mutable_module_state(bad)
+    for name in "ABCDEFGH":
+        assert any(f": {name} is a mutable" in line for line in found), name
+    assert any("f() has a mutable default" in line for line in found)
+    assert any("m() has a mutable default" in line for line in found)
+    assert any("global A" in line for line in found)
+    good = tmp_path / "good.py"
+    good.write_text(
+        "import types\nMODES = ('a', 'b')\nKINDS = frozenset({'x'})\nTABLE = types.MappingProxyType({'a': 1})\n"
+        "__all__ = ['MODES']\nLIMIT = 8\n"
+        "def f(x=None, y=()):\n    cache = {}\n    return cache\n"
+        "class K:\n    def __init__(self):\n        self.items = []\n")
+    assert mutable_module_state(good) == []
+
+
+def test_infer_modules_hold_no_mutable_module_state():
+    """No module in infer/ keeps state at module level, so concurrent calls (threads of a server,
+    two generate calls) cannot see each other's. Read with `ast`, never imported. Forbidden:
+    (1) a name bound at import (module body, or an if/try/with/for block in it) to a mutable
+    container: a list/dict/set literal or comprehension, or a call to list(), dict(), set(),
+    bytearray() or a mutable collections/queue/asyncio/itertools.count/threading/weakref
+    constructor (resolved through the module's imports), whatever the name's case: constants are
+    tuples, frozensets or types.MappingProxyType; `__all__` is exempt (read by tools, by
+    convention a list); (2) a mutable literal or such a call as a default argument of a
+    module-level function or of a method (evaluated once, shared by every call); (3) any `global`
+    statement (rebinding a module name at run time). State belongs to an object the caller owns
+    (a Sampler, an Engine). Not checked: class attributes (pydantic copies field defaults) and
+    containers nested inside a tuple."""
+    root = Path(__file__).resolve().parents[2] / "infer"
+    found = [line for path in sorted(root.rglob("*.py")) for line in mutable_module_state(path)]
+    assert found == []
