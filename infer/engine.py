@@ -222,7 +222,7 @@ def _choose(logits, s: SlotState, filtered: bool):
     """logits (B, V) float32 -> (B,) int32, each row by its own settings and its own key."""
     logits = penalize_repeats(logits, s.seen, s.penalty[:, None])
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = logits / jnp.where(s.temperature > 0, jnp.maximum(s.temperature, 1e-6), 1.0)[:, None]  # as the sampler
     floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(s.min_p)[:, None]  # log 0 = -inf: off
     scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)  # min-p, on the tempered distribution (as the sampler)
     keys = jax.vmap(lambda sd, n: jax.random.fold_in(jax.random.fold_in(jax.random.key(sd[0]), sd[1]), n))(
@@ -276,7 +276,12 @@ def _is_int(x) -> bool:
 
 
 def _is_real(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def validate_options(o: SamplingOptions, vocab_size: int) -> SamplingOptions:
@@ -448,11 +453,13 @@ class Engine:
         PromptTooLong, or EngineError for an invalid prompt or option."""
         options = validate_options(options, self.vocab_size)
         try:
-            prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+            prompt = np.asarray(prompt_ids)
         except (TypeError, ValueError, OverflowError):
-            raise EngineError("the prompt must be a list of integer token ids") from None
-        if prompt.size == 0:
+            prompt = None
+        if prompt is not None and prompt.ndim == 1 and prompt.size == 0:
             raise EngineError("the prompt is empty; give at least one token")
+        if prompt is None or prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+            raise EngineError("the prompt must be a flat list of integer token ids")
         if prompt.min() < 0 or prompt.max() >= self.vocab_size:
             raise EngineError(f"the prompt has a token id outside the model's vocabulary [0, {self.vocab_size})")
         n = int(prompt.size)

@@ -26,6 +26,7 @@ from infer.sampler import generate
 from infer.stops import StopMatcher
 from model import build_model, preset
 from model.tokenizer import BPETokenizer, ByteTokenizer
+from model.transformer import KVCache
 
 CFG = preset("gpt2-nano", vocab_size=257, n_layers=2, d_model=64, max_seq_len=64, init_std=0.5,
              tie_embeddings=False)
@@ -356,6 +357,9 @@ def test_queue_full_prompt_too_long_and_bad_options(model):
         eng.submit([], SamplingOptions(), finals.append)
     with pytest.raises(EngineError, match="vocabulary"):
         eng.submit([257], SamplingOptions(), finals.append)
+    for prompt in ([1.5, 2.0], [[1, 2]], [True], ["a"]):
+        with pytest.raises(EngineError, match="integer token ids"):
+            eng.submit(prompt, SamplingOptions(), finals.append)
     eng.shutdown(grace_s=0)
     assert [e.finish_reason for e in finals] == ["cancelled", "cancelled"]
     with pytest.raises(EngineError, match="shutting down"):
@@ -370,3 +374,40 @@ def test_prompt_filling_the_context_runs_to_its_last_position(engine, full_forwa
         seq.append(int(np.argmax(full_forward_logprobs(seq)[-1])))
     assert ids == seq[len(prompt):len(prompt) + len(ids)] and (len(ids) == 4 or ids[-1] == TOK.eos_id)
     assert last.prompt_tokens == 60 and last.completion_tokens == len(ids)
+
+
+# ------------------------------------------------------------------ the model hook: a write index per row
+
+
+def test_per_row_cache_index_decodes_each_row_at_its_own_position():
+    """KVCache.index of shape (B,): rows at different positions in one batch (the engine's slots)
+    decode exactly as a plain forward pass of each sequence. Llama-style (RoPE, grouped-query
+    attention, scanned layers), the other half of what the engine tests cover."""
+    cfg = preset("llama-tiny", vocab_size=97, n_layers=2, d_ff=128, max_seq_len=32, init_std=0.2, scan_layers=True)
+    assert cfg.kv_heads < cfg.n_heads
+    model = build_model(cfg, seed=1)
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda p, t, pos, c: nnx.merge(graphdef, p)(t, pos, cache=c))
+    full = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+    prompts = [[3, 14, 15, 92, 65], [8, 9]]
+    tokens = np.array([p + [0] * (5 - len(p)) for p in prompts], np.int32)  # (2, 5) right-padded
+    positions = np.array([[i if i < len(p) else -1 for i in range(5)] for p in prompts], np.int32)
+    cache = KVCache.init(cfg, batch=2, length=16)
+    cache = KVCache(cache.k, cache.v, cache.positions, jnp.zeros((2,), jnp.int32))
+    logits, cache = step(params, tokens, positions, cache)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    cache = KVCache(cache.k, cache.v, cache.positions, jnp.asarray(lengths))  # row 1's padding gets overwritten
+    nxt = np.asarray(logits)[np.arange(2), lengths - 1].argmax(-1)
+    out = [[int(t)] for t in nxt]
+    for i in range(5):
+        logits, cache = step(params, nxt[:, None].astype(np.int32), (lengths + i)[:, None], cache)
+        nxt = np.asarray(logits)[:, 0].argmax(-1)
+        for row, t in zip(out, nxt):
+            row.append(int(t))
+    for p, row in zip(prompts, out):
+        buf = np.zeros((1, 16), np.int32)
+        seq = list(p)
+        for _ in range(6):
+            buf[0, :len(seq)] = seq
+            seq.append(int(np.asarray(full(params, buf))[0, len(seq) - 1].argmax()))
+        assert row == seq[len(p):]
