@@ -1,9 +1,9 @@
 """The decoder-only `Transformer` (GPT-2 and Llama families) and its KV cache.
 
-The n_layers blocks are one `Block` module whose parameters carry a leading `layers` axis
-(created with `nnx.vmap`), so the forward pass can `lax.scan` over layers (compile time independent
-of depth) or unroll them (`ModelConfig.scan_layers=False`, faster on CPU for shallow models) with
-the same parameter layout and therefore the same checkpoints.
+`Transformer.__call__` reads embed -> blocks -> final norm -> logits. The n_layers blocks are one
+`Block` whose parameters carry a leading `layers` axis (made with `nnx.vmap`), so every way of
+running them (the `_run_*` methods: scanned, unrolled, pipelined, over a KV cache) shares one
+parameter layout and therefore one checkpoint format.
 
     model = build_model(cfg, seed=0)
     logits, _ = model(tokens)                       # (B, L) int32 -> (B, L, V) float32
@@ -32,11 +32,11 @@ from sharding.rules import validate_state, with_logical_constraint
 class KVCache:
     """Keys and values of every layer for S slots, and the absolute position held in each slot.
 
-    k: (n_layers, B, K, S, Dh) and v: (n_layers, B, K, Dh, S): one layer's keys and values lie in
-    the layouts XLA:CPU's attention dots read them in, so a decode step copies each out with one
-    contiguous slice instead of transposing it (the transposes cost as much as the dots at batch 1);
+    k: (n_layers, B, K, S, Dh) and v: (n_layers, B, K, Dh, S), the layouts XLA:CPU's attention dots
+    read, so a decode step takes each layer out with one contiguous slice instead of a transpose;
     positions: (B, S) int32, -1 where a slot is empty (or holds left padding), which the position
-    mask excludes; index: the next slot to write (shared by rows).
+    mask excludes; index: the next slot to write: () shared by rows, or (B,) one per row (the
+    serving engine's slots, each request at its own position; infer/engine.py).
     """
 
     k: jax.Array
@@ -57,6 +57,43 @@ class KVCache:
         return self.k.shape[3]
 
 
+def _write_positions(cache: KVCache, positions: jax.Array) -> jax.Array:
+    """The cache's slot positions (B, S) with this segment's `positions` (B, L) written from `cache.index` on."""
+    if cache.index.ndim:  # one write index per row: row b's L new slots start at index[b]
+        B, L = positions.shape
+        cols = cache.index[:, None] + jnp.arange(L, dtype=jnp.int32)  # (B, L)
+        return cache.positions.at[jnp.arange(B)[:, None], cols].set(positions, mode="drop")
+    return jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
+
+
+def _write_layer(ks, vs, layer, index, k, v):
+    """Write this segment's k, v (B, L, K, Dh) into layer `layer` of the stacked cache (KVCache's
+    layouts) from slot `index` on; return the updated (ks, vs). Written straight into the stack so
+    XLA updates it in place: cutting a layer out and writing it back copies the whole cache."""
+    layer, index = jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)
+    if index.ndim:  # one write index per row: row b's L new slots start at index[b]
+        rows = jnp.arange(k.shape[0])[:, None]  # (B, 1)
+        cols = index[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)  # (B, L)
+        ks = ks.at[layer, rows, :, cols, :].set(k.astype(ks.dtype), mode="drop")  # k: (B, L, K, Dh)
+        vs = vs.at[layer, rows, :, :, cols].set(v.astype(vs.dtype), mode="drop")
+        return ks, vs
+    zero = jnp.zeros((), jnp.int32)
+    ks = jax.lax.dynamic_update_slice(ks, k.transpose(0, 2, 1, 3)[None].astype(ks.dtype),
+                                      (layer, zero, zero, index, zero))  # as (B, K, L, Dh)
+    vs = jax.lax.dynamic_update_slice(vs, v.transpose(0, 2, 3, 1)[None].astype(vs.dtype),
+                                      (layer, zero, zero, zero, index))  # as (B, K, Dh, L)
+    return ks, vs
+
+
+def _read_layer(ks, vs, layer):
+    """Layer `layer` of the stacked cache as the (B, S, K, Dh) keys and values attention takes
+    (views its dots read as stored: one contiguous slice each)."""
+    layer = jnp.asarray(layer, jnp.int32)
+    k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False).transpose(0, 2, 1, 3)
+    v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False).transpose(0, 3, 1, 2)
+    return k, v
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -68,39 +105,32 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache_kv=None, kv_positions=None, index=None, dropout_key=None):
-        """x: (B, L, D). Without a cache, attends within x. With `cache_kv=(ks, vs, layer)` (every
-        layer's cache, in KVCache's layouts, and this block's layer index), writes this segment's
-        keys/values at [layer, :, index] and attends to the cache's layer (whose slot positions are
-        `kv_positions`). Returns (x, (k, v)): this segment's own without a cache, else the updated
-        stacked (ks, vs). Writing the new slots straight into the stacked cache lets XLA update it in
-        place; cutting a layer out, updating it and writing it back copied every layer's cache (and
-        the whole stack) on every decode step."""
+        """x: (B, L, D) -> (x, kv). Without a cache, attends within x and kv is this segment's (k, v).
+        With `cache_kv=(ks, vs, layer)` (every layer's cache in KVCache's layouts, and this block's
+        layer), writes this segment's keys/values into that layer from slot `index` on, attends over
+        the layer (slot positions `kv_positions`), and kv is the updated (ks, vs)."""
         attn_key = mlp_key = None
         if dropout_key is not None:
             attn_key, mlp_key = jax.random.split(dropout_key)
-        h = self.attn_norm(x)
-        q, k, v = self.attn.project_qkv(h, positions)  # (B, L, H, Dh), (B, L, K, Dh) x 2
+        q, k, v = self.attn.project_qkv(self.attn_norm(x), positions)  # (B, L, H, Dh), (B, L, K, Dh) x 2
         if cache_kv is None:
-            kv_positions = positions
             # Sequence parallelism: queries stay split over the sequence shards, keys/values are
             # all-gathered along the sequence, so attention is exact across shards.
             k = with_logical_constraint(k, ("batch", None, "kv_heads", "head_dim"))
             v = with_logical_constraint(v, ("batch", None, "kv_heads", "head_dim"))
+            kv_positions, kv = positions, (k, v)
         else:
             ks, vs, layer = cache_kv
-            zero = jnp.zeros((), jnp.int32)
-            layer, index = jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)
-            ks = jax.lax.dynamic_update_slice(ks, k.transpose(0, 2, 1, 3)[None].astype(ks.dtype),
-                                              (layer, zero, zero, index, zero))  # as (B, K, L, Dh)
-            vs = jax.lax.dynamic_update_slice(vs, v.transpose(0, 2, 3, 1)[None].astype(vs.dtype),
-                                              (layer, zero, zero, zero, index))  # as (B, K, Dh, L)
-            # the (B, S, K, Dh) views attention takes; its dots read them as stored (a contiguous slice)
-            k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False).transpose(0, 2, 1, 3)
-            v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False).transpose(0, 3, 1, 2)
+            kv = _write_layer(ks, vs, layer, index, k, v)
+            k, v = _read_layer(*kv, layer)  # (B, S, K, Dh) x 2
         x = x + self.attn(q, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
-        x = with_logical_constraint(x, ("batch", "seq", None))
-        return x, ((k, v) if cache_kv is None else (ks, vs))
+        return with_logical_constraint(x, ("batch", "seq", None)), kv
+
+
+def _layer_key(dropout_key: jax.Array | None, i) -> jax.Array | None:
+    """Layer i's dropout key (None: no dropout)."""
+    return None if dropout_key is None else jax.random.fold_in(dropout_key, i)
 
 
 class Transformer(nnx.Module):
@@ -122,7 +152,7 @@ class Transformer(nnx.Module):
         def make_blocks(rngs):
             return Block(cfg, rngs=rngs)
 
-        self.blocks = make_blocks(rngs)
+        self.blocks = make_blocks(rngs)  # one Block whose parameters have a leading `layers` axis
         self.final_norm = Norm(cfg)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -136,76 +166,104 @@ class Transformer(nnx.Module):
         Returns float32 logits (B, L, V) and the updated cache (None without one).
 
         layer_params (with a cache only): the blocks' parameters already cut per layer
-        (`split_layers`), used instead of slicing the stacked ones; the layers are then unrolled. A
-        decode loop cuts them once outside the loop: XLA does not hoist the slices out of a
-        while_loop, and copying every weight each token dominates small-batch decoding on CPU."""
-        cfg = self.cfg
-        c = jnp.dtype(cfg.compute_dtype)
+        (`split_layers`), used instead of cutting the stacked ones here (the layers are then
+        unrolled). A decode loop cuts them once outside the loop: XLA does not hoist slices out of
+        a while_loop, so cutting them here would copy every weight on every token."""
         B, L = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        emb_key = None
-        if dropout_key is not None and cfg.dropout > 0:
-            emb_key, dropout_key = jax.random.split(dropout_key)
-        else:
-            dropout_key = None
+        embed_key, layers_key = self._dropout_keys(dropout_key)
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(c)  # (B, L, D)
-        if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], jnp.maximum(positions, 0), axis=0).astype(c)
-        x = dropout(x, cfg.dropout, emb_key)
-        x = with_logical_constraint(x, ("batch", "seq", None))
-
-        graphdef, block_params = nnx.split(self.blocks)
-        kv_positions = None
+        x = self._embed(tokens, positions, embed_key)  # (B, L, D)
         if cache is not None:
-            kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, axis=1)
-
-        def layer(x, i, params, ks=None, vs=None):
-            block = nnx.merge(graphdef, params)
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            cache_kv = None if ks is None else (ks, vs, i)
-            return block(x, positions, cache_kv, kv_positions, None if cache is None else cache.index, key)
-
-        if cache is None and pipeline.num_stages() > 1:
-            if dropout_key is not None:
-                raise ValueError("dropout is not supported with pipeline parallelism (mesh.stage > 1)")
-
-            def block_fn(x, pos, i, params):
-                return nnx.merge(graphdef, params)(x, pos)[0]
-            x = pipeline.run_stages(block_fn, x, positions, block_params)
-        elif cache is None:
-            if cfg.scan_layers:
-                def body(x, xs):
-                    i, p = xs
-                    return layer(x, i, p)[0], None
-                x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.n_layers), block_params))
-            else:
-                for i, p in enumerate(per_layer_params(block_params, cfg.n_layers)):
-                    x, _ = layer(x, i, p)
+            x, cache = self._run_cached(x, positions, cache, layers_key, layer_params)
+        elif pipeline.num_stages() > 1:
+            x = self._run_pipeline(x, positions, layers_key)
+        elif self.cfg.scan_layers:
+            x = self._run_scanned(x, positions, layers_key)
         else:
-            # The whole cache rides in the loop carry; each block writes its new slots into it in place.
-            def body(carry, xs):
-                x, ks, vs = carry
-                i, p = xs
-                x, (ks, vs) = layer(x, i, p, ks, vs)
-                return (x, ks, vs), None
-
-            if cfg.scan_layers and layer_params is None:
-                (x, ks, vs), _ = jax.lax.scan(body, (x, cache.k, cache.v), (jnp.arange(cfg.n_layers), block_params))
-            else:
-                if layer_params is None:
-                    layer_params = per_layer_params(block_params, cfg.n_layers)
-                carry = (x, cache.k, cache.v)
-                for i, p in enumerate(layer_params):
-                    carry, _ = body(carry, (i, p))
-                x, ks, vs = carry
-            cache = KVCache(ks, vs, kv_positions, cache.index + L)
-
+            x = self._run_unrolled(x, positions, layers_key)
         x = self.final_norm(x)
+        return self._logits(x), cache  # (B, L, V)
+
+    def _dropout_keys(self, dropout_key):
+        """(embedding key, layers key); both None when dropout is off (no key, or model.dropout 0)."""
+        if dropout_key is None or self.cfg.dropout <= 0:
+            return None, None
+        embed_key, layers_key = jax.random.split(dropout_key)
+        return embed_key, layers_key
+
+    def _embed(self, tokens, positions, dropout_key):
+        """(B, L) token ids -> (B, L, D) embeddings in the compute dtype (+ learned positions)."""
+        c = jnp.dtype(self.cfg.compute_dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c)  # (B, L, D)
+        if self.pos_embed is not None:  # left padding (-1) reads row 0; attention masks it out
+            x = x + jnp.take(self.pos_embed[...], jnp.maximum(positions, 0), axis=0).astype(c)
+        x = dropout(x, self.cfg.dropout, dropout_key)
+        return with_logical_constraint(x, ("batch", "seq", None))
+
+    def _logits(self, x):
+        """(B, L, D) -> float32 logits (B, L, V) against the tied embedding or the separate head."""
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # (D, V)
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(c), preferred_element_type=jnp.float32)
-        return logits, cache
+        c = jnp.dtype(self.cfg.compute_dtype)
+        return jnp.einsum("bld,dv->blv", x, head.astype(c), preferred_element_type=jnp.float32)
+
+    # The ways of running the n_layers blocks; each maps x (B, L, D) -> (B, L, D).
+
+    def _run_scanned(self, x, positions, dropout_key):
+        """lax.scan over the stacked layers: one block is traced, so compile time does not grow with depth."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(x, xs):
+            i, params = xs
+            x, _ = nnx.merge(graphdef, params)(x, positions, dropout_key=_layer_key(dropout_key, i))
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, (jnp.arange(self.cfg.n_layers), stacked))
+        return x
+
+    def _run_unrolled(self, x, positions, dropout_key):
+        """The layers one after another in the graph (`scan_layers=False`): faster on CPU for shallow models."""
+        graphdef, stacked = nnx.split(self.blocks)
+        for i, params in enumerate(per_layer_params(stacked, self.cfg.n_layers)):
+            x, _ = nnx.merge(graphdef, params)(x, positions, dropout_key=_layer_key(dropout_key, i))
+        return x
+
+    def _run_pipeline(self, x, positions, dropout_key):
+        """The layers as GPipe stages over the mesh axes that `layers` maps to (sharding/pipeline.py)."""
+        if dropout_key is not None:
+            raise ValueError("dropout is not supported with pipeline parallelism (mesh.stage > 1)")
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def block_fn(x, positions, i, params):
+            return nnx.merge(graphdef, params)(x, positions)[0]
+
+        return pipeline.run_stages(block_fn, x, positions, stacked)
+
+    def _run_cached(self, x, positions, cache, dropout_key, layer_params):
+        """The layers over a KV cache (prefill or a decode step), scanned or unrolled (always
+        unrolled with `layer_params`): each block writes this segment's keys/values into the cache
+        and attends over its layer. Returns (x, the updated cache)."""
+        kv_positions = _write_positions(cache, positions)  # (B, S)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(carry, xs):  # the whole cache rides in the carry; each block writes into it in place
+            x, ks, vs = carry
+            i, params = xs
+            block = nnx.merge(graphdef, params)
+            x, (ks, vs) = block(x, positions, (ks, vs, i), kv_positions, cache.index, _layer_key(dropout_key, i))
+            return (x, ks, vs), None
+
+        carry = (x, cache.k, cache.v)
+        if self.cfg.scan_layers and layer_params is None:
+            carry, _ = jax.lax.scan(body, carry, (jnp.arange(self.cfg.n_layers), stacked))
+        else:
+            if layer_params is None:
+                layer_params = per_layer_params(stacked, self.cfg.n_layers)
+            for i, params in enumerate(layer_params):
+                carry, _ = body(carry, (i, params))
+        x, ks, vs = carry
+        return x, KVCache(ks, vs, kv_positions, cache.index + x.shape[1])
 
 
 def with_kernels(model: Transformer, attention: str, matmul: str = "xla", norm_impl: str = "xla") -> Transformer:

@@ -81,6 +81,26 @@ def test_cached_decode_matches_full_forward(cfg):
     assert int(cache.index) == L
 
 
+def test_per_row_cache_index_writes_each_row_at_its_own_slot(cfg):
+    """KVCache.index of shape (B,) (the serving engine's slots): row b writes from slot index[b] on,
+    and each row's logits still equal its own full forward pass."""
+    model = build_model(cfg, seed=7)
+    B, L, P = 2, 9, 4
+    toks = tokens(B, L, cfg.vocab_size, seed=8)
+    full, _ = model(toks)
+    cache = dataclasses.replace(KVCache.init(cfg, B, length=16), index=jnp.array([0, 5], jnp.int32))
+    prefill, cache = model(toks[:, :P], cache=cache)
+    steps = [prefill]
+    for t in range(P, L):
+        logits, cache = model(toks[:, t:t + 1], jnp.full((B, 1), t, jnp.int32), cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=FLOAT32_ATOL, rtol=0)
+    np.testing.assert_array_equal(cache.index, [L, 5 + L])
+    expected = np.full((B, 16), -1)
+    expected[0, :L], expected[1, 5:5 + L] = np.arange(L), np.arange(L)
+    np.testing.assert_array_equal(cache.positions, expected)
+
+
 def test_left_padding_does_not_change_logits(cfg):
     """A row left-padded with position -1 gives the same logits for its real tokens."""
     model = build_model(cfg, seed=3)
