@@ -1,16 +1,13 @@
-"""Causal self-attention with grouped-query heads, a KV cache, and the attention-kernel dispatch.
+"""Causal self-attention with grouped-query heads, and the one dispatch to attention kernels.
 
-Every attention computation in jaxlm goes through `dot_product_attention(..., impl=cfg.attention)`;
-kernels (Pallas, cuDNN, the C++ CPU kernel) plug in there, and `xla` (plain jnp, runs everywhere)
-is the default. `pallas` (pallas_kernels.flash_attention), `cudnn` (jax.nn.dot_product_attention)
-and `cpu` (pallas_kernels.cpu, a fused XLA:CPU kernel through the XLA FFI) compute
-full-sequence causal self-attention (training, evaluation, a forward pass without a cache); a
-KV-cache forward (sampling) is an error with them, and `check_kernel_platform` turns a choice the
-device cannot run into a clear error at start-up, never a silent fallback.
+Every attention computation goes through `dot_product_attention(..., impl=cfg.attention)`: `xla`
+(plain jnp, runs everywhere, the default and the only one that attends over a KV cache) or a
+kernel for full-sequence training attention (`pallas`, `cudnn`, `cpu`). A kernel asked to do what
+it cannot, or on a device that cannot run it, is a clear error, never a silent fallback.
 
-Masking is by positions, not by a triangle: each query and each key carries its absolute position
-(keys in the cache that are empty, or left padding, carry -1), and a query attends to a key iff
-0 <= key_pos <= query_pos. This one rule covers training, prefill, decoding and ragged batches.
+Masking is by positions, not by a triangle: a query attends to a key iff 0 <= key_pos <= query_pos
+(empty cache slots and left padding carry -1). This one rule covers training, prefill, decoding
+and ragged batches.
 """
 
 from __future__ import annotations
@@ -34,13 +31,11 @@ def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def softmax(scores: jax.Array) -> jax.Array:
-    """`jax.nn.softmax` over the last axis, with the backward written out for XLA:CPU.
+    """`jax.nn.softmax` over the last axis, with the backward y * (g - sum(g * y)) written out.
 
-    The backward is y * (g - sum(g * y)). Autodiff through jax.nn.softmax computes that row sum
-    as a multiply-then-reduce fusion, which XLA:CPU (YNNPACK reduce) ran ~6x slower than the same
-    sum written as a contraction (an einsum with no output-free axis but the row): 1.46 -> 0.46 ms
-    for the gradient of one (12, 4, 64, 64) softmax; see experiments/results.md, issue 7. Same
-    arithmetic up to float32 rounding of the row sums.
+    The row sum is an einsum (a contraction) because XLA:CPU runs the multiply-then-reduce that
+    autodiff produces much slower (experiments/results.md, issue 7); same arithmetic up to float32
+    rounding of the row sums.
     """
     return jax.nn.softmax(scores, axis=-1)
 
@@ -102,7 +97,10 @@ def cudnn_attention(q, k, v, positions):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention, "cpu": cpu_attention}
+# model.attention -> the function that computes it (the keys are config.ATTENTION_IMPLS)
+_ATTENTION_FUNCTIONS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention,
+                        "cpu": cpu_attention}
+# the kernels: full-sequence causal self-attention only (training, evaluation), never over a KV cache
 KERNEL_IMPLS = ("pallas", "cudnn", "cpu")
 
 
@@ -110,8 +108,9 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0,
                           positions=None, cached: bool = False):
     """Dispatch to the configured attention implementation (see module docstring). The kernel
     implementations need `positions` (B, L) of this self-attention and no KV cache."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention={impl!r} is not available; choose one of {', '.join(ATTENTION_IMPLS)}")
+    if impl not in _ATTENTION_FUNCTIONS:
+        raise ValueError(f"model.attention={impl!r} is not available; "
+                         f"choose one of {', '.join(_ATTENTION_FUNCTIONS)}")
     if impl in KERNEL_IMPLS:
         if cached or positions is None or q.shape[1] != k.shape[1]:
             raise ValueError(f"model.attention={impl!r} computes full-sequence self-attention and cannot attend "
@@ -119,8 +118,8 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0,
                              "(python -m infer sample --attention xla, the default)")
         if dropout_rate > 0 and dropout_key is not None:
             raise ValueError(f"model.attention={impl!r} has no attention dropout; set model.dropout=0")
-        return ATTENTION_IMPLS[impl](q, k, v, positions)
-    return ATTENTION_IMPLS[impl](q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
+        return _ATTENTION_FUNCTIONS[impl](q, k, v, positions)
+    return _ATTENTION_FUNCTIONS[impl](q, k, v, mask, dropout_rate=dropout_rate, dropout_key=dropout_key)
 
 
 def check_kernel_platform(cfg: ModelConfig) -> None:
@@ -172,12 +171,10 @@ class Attention(nnx.Module):
         """x: (B, L, D) -> q: (B, L, H, Dh), k, v: (B, L, K, Dh), with RoPE applied to q and k.
 
         Unless heads are split over devices, the three projections are one matmul against the
-        weights side by side, (D, (H + 2K) Dh): on XLA:CPU one larger matmul (and its two backward
-        matmuls) instead of three makes a train step of the shakespeare_char_cpu model ~3-4 %
-        faster (issue 7). Each output column is the same dot product either way. The parameters
-        stay three (wq, wk, wv: checkpoints, Hugging Face conversion and sharding rules name
-        them); with heads sharded (tensor parallelism) they are used apart, as concatenating
-        differently split weights would make XLA gather them."""
+        weights side by side, (D, (H + 2K) Dh): one larger matmul is faster on XLA:CPU (issue 7)
+        and each output column is the same dot product. The parameters stay three (checkpoints,
+        Hugging Face conversion and sharding rules name them); with heads sharded they are used
+        apart, as concatenating differently split weights would make XLA gather them."""
         c = jnp.dtype(self.cfg.compute_dtype)
         wq, wk, wv = (w[...].astype(c) for w in (self.wq, self.wk, self.wv))
         if is_sharded("heads") or is_sharded("kv_heads"):

@@ -22,7 +22,7 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # see model/attention.py: dot_product_attention
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "cpu")  # values of model.attention; model/attention.py dispatches them
 MATMUL_IMPLS = ("xla", "pallas", "cpu")  # the dense layers' matmul, see model/layers.py: dense
 NORM_IMPLS = ("xla", "cpu")  # LayerNorm / RMSNorm: jnp, or pallas_kernels.cpu's C++ kernel
 

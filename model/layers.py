@@ -35,10 +35,9 @@ def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> j
     pallas_kernels.matmul, float32 accumulation) or 'cpu' (jnp, with the weight gradient in
     pallas_kernels.cpu's C++ kernel).
 
-    Both multiply 2-D operands, x as (tokens, in) and w as (in, out): then the weight gradient of
-    the backward pass, x^T dy, contracts one axis, which XLA:CPU's matmul takes as it is, instead
-    of the (B, L) pair of a 3-D x, which it first copies into a transposed 2-D buffer (issue 7:
-    train step 103 -> 93 ms on the shakespeare_char_cpu model, same gradients)."""
+    Both multiply 2-D operands, x as (tokens, in) and w as (in, out), so the weight gradient x^T dy
+    contracts one axis, which XLA:CPU's matmul takes as it is; the (B, L) pair of a 3-D x it first
+    copies into a transposed 2-D buffer (issue 7)."""
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"model.matmul={impl!r} is not one of {', '.join(MATMUL_IMPLS)}")
     lead, out = x.shape[:x.ndim - contract], w.shape[contract:]

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from model import KVCache, build_model, preset
-from model.attention import check_kernel_platform
+from model.attention import KERNEL_IMPLS, check_kernel_platform, dot_product_attention
+from model.config import ATTENTION_IMPLS
 from pallas_kernels import platform
 from train.step import cross_entropy
 
@@ -91,6 +92,22 @@ def test_kernel_attention_with_kv_cache_is_a_clear_error(impl):
     cache = KVCache.init(cfg, batch=1, length=16)
     with pytest.raises(ValueError, match="cannot attend over a KV cache.*--attention xla"):
         model(jnp.zeros((1, 4), jnp.int32), jnp.arange(4, dtype=jnp.int32)[None], cache=cache)
+
+
+def test_every_attention_the_config_accepts_is_dispatched():
+    """Each value model.attention accepts reaches an implementation: over a KV cache (S > L) xla
+    attends and a kernel refuses with its own error; any other name is an error listing them."""
+    q, kv = jnp.ones((1, 2, 2, 8)), jnp.ones((1, 4, 2, 8))  # (B, L, H, Dh), (B, S, K, Dh)
+    mask = jnp.ones((1, 2, 4), bool)
+    for impl in ATTENTION_IMPLS:
+        if impl in KERNEL_IMPLS:
+            with pytest.raises(ValueError, match=f"model.attention={impl!r} .*cannot attend over a KV cache"):
+                dot_product_attention(q, kv, kv, mask, impl=impl, positions=jnp.zeros((1, 2), jnp.int32), cached=True)
+        else:
+            out = dot_product_attention(q, kv, kv, mask, impl=impl, cached=True)
+            np.testing.assert_allclose(out, jnp.ones_like(q), rtol=1e-6)  # uniform weights over equal values
+    with pytest.raises(ValueError, match="'flash' is not available; choose one of xla, pallas, cudnn, cpu"):
+        dot_product_attention(q, kv, kv, mask, impl="flash")
 
 
 def test_platform_check_names_the_setting(monkeypatch):
