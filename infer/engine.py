@@ -579,8 +579,8 @@ class Engine:
                 np.float32(1), np.float32(0), np.float32(1), np.zeros(2, np.uint32))
 
     def _compile_all(self):
-        """Compile every program ahead of time, several at once (XLA compiles outside the GIL: about
-        twice as fast on two cores); the calls that follow find them in jit's cache."""
+        """Compile every program ahead of time, several at once (XLA compiles outside the GIL, so
+        compiles overlap on several cores); the calls that follow find them in jit's cache."""
         spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)  # noqa: E731
         params = (spec(self._rest), spec(self._layers), spec(self._state))
         jobs = [functools.partial(_prefill.lower, *params, *spec(self._prefill_inputs(Lp)), graphdef=self._graphdef)
