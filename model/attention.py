@@ -115,7 +115,8 @@ def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0,
         if cached or positions is None or q.shape[1] != k.shape[1]:
             raise ValueError(f"model.attention={impl!r} computes full-sequence self-attention and cannot attend "
                              "over a KV cache (sampling); sample with model.attention='xla' "
-                             "(python -m infer sample --attention xla, the default)")
+                             "(model.transformer.with_kernels(model, 'xla') keeps the parameters; "
+                             "python -m infer does it)")
         if dropout_rate > 0 and dropout_key is not None:
             raise ValueError(f"model.attention={impl!r} has no attention dropout; set model.dropout=0")
         return _ATTENTION_FUNCTIONS[impl](q, k, v, positions)
