@@ -359,16 +359,15 @@ def _generate_program(graphdef, params, tokens, positions, seed, temperature, to
     Returns the generated tokens (B, N) int32 and their counts per row (B,) int32.
     """
     model = nnx.merge(graphdef, dequantize_params(params))  # int8 weights become float here, once per call
-    emit = None
-    if deliver is not None:
-        def emit(step, token, emitted):
-            io_callback(deliver, None, stream_id, step, token, emitted, ordered=True)
+
+    def emit(step, token, emitted):  # ordered: the host sees the steps in order
+        io_callback(deliver, None, stream_id, step, token, emitted, ordered=True)
 
     c = _Call(model=model, layers=split_layers(model),  # weights cut per layer once, outside the loop
               key=jax.random.key(seed), temperature=temperature, top_k=top_k, top_p=top_p,
               min_p=min_p if use_min_p else None, penalty=penalty if penalized else None,
               stop_seqs=stop_seqs, max_new=max_new, Lp=tokens.shape[1], N=max_new_tokens, window=window,
-              greedy=greedy, filtered=filtered, emit=emit)
+              greedy=greedy, filtered=filtered, emit=emit if deliver is not None else None)
     state = _decode_loop(c, _prefill(c, tokens, positions))
     return state.tokens, state.lengths
 
@@ -549,7 +548,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     loop ends as soon as every row has stopped.
     on_token(step, tokens, emitted): called on the host as tokens are produced (tokens: (B,) the
     step's tokens, emitted: (B,) bool, False for rows already stopped); without it the loop makes
-    no host calls.
+    no host calls. Concurrent calls each get only their own tokens. Each call builds a Sampler,
+    whose streaming program compiles on its first call: to stream many times, keep a Sampler.
     Raises ValueError when a prompt plus max_new_tokens exceeds `model.cfg.max_seq_len`, or for an
     empty prompt, a token outside the vocabulary, or an invalid sampling setting.
     """
