@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="output directory")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(func=cmd_export_hf)
+
+    from infer.server import add_serve_parser  # no web framework imported until `serve` runs
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,157 @@
+"""Shared by the server tests: a tiny byte-level checkpoint and the real server on a loopback port.
+
+The in-process server (uvicorn in a thread, `shared_server()`) is started once per pytest process
+and shared by test_server.py and test_server_hostile.py: compiling the engine is the slow part.
+The subprocess server (`ServeProcess`) is `python -m infer serve` itself, for what needs a process
+of its own (SIGTERM, start-up refusals).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-0123456789"
+CONTEXT = 1024  # long enough that a 1000-token generation outlasts a disconnect or a burst of requests
+MODEL = dict(vocab_size=257, n_layers=1, d_model=32, n_heads=2, max_seq_len=CONTEXT, init_std=0.5)
+
+_lock = threading.RLock()
+_checkpoint: Path | None = None
+_server: "InProcessServer | None" = None
+
+
+def tiny_checkpoint() -> Path:
+    """A run directory holding a random 1-layer byte-level model (init_std 0.5: peaked logits, so
+    greedy outputs do not hinge on float rounding), made once per process."""
+    global _checkpoint
+    with _lock:
+        if _checkpoint is None:
+            from flax import nnx
+
+            from model import build_model, preset
+            from model.checkpoint import save_model
+            from model.tokenizer import ByteTokenizer
+
+            run = Path(tempfile.mkdtemp(prefix="jaxlm-serve-")) / "tiny"
+            model = build_model(preset("gpt2-nano", **MODEL), seed=0)
+            config = {"model": {"preset": "gpt2-nano", **MODEL}}
+            save_model(run / "checkpoints", 1, nnx.to_pure_dict(nnx.state(model)), config, ByteTokenizer().to_json())
+            _checkpoint = run
+        return _checkpoint
+
+
+def wait_healthy(base: str, timeout: float = 300.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before becoming healthy")
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base}/health did not answer 200 within {timeout} s")
+
+
+class InProcessServer:
+    """create_app over one engine, served by uvicorn in a daemon thread on a free loopback port."""
+
+    def __init__(self, *, slots: int = 4, max_queue: int = 16, api_key: str | None = API_KEY, name: str = "tiny"):
+        import uvicorn
+
+        from infer.engine import Engine
+        from infer.server.app import create_app
+        from model.checkpoint import load_for_inference
+
+        loaded = load_for_inference(tiny_checkpoint())
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.engine = Engine(loaded.model, loaded.tokenizer, slots=slots, max_queue=max_queue, name=name)
+        self.app = create_app([self.engine], api_key=api_key, request_timeout_s=120)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        wait_healthy(self.base)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def shared_server() -> InProcessServer:
+    global _server
+    with _lock:
+        if _server is None:
+            _server = InProcessServer()
+            atexit.register(_server.stop)
+        return _server
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one Prometheus sample (0 when absent)."""
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == str(v) for k, v in labels.items()):
+            return float(m.group(3))
+    return 0.0
+
+
+class ServeProcess:
+    """`python -m infer serve ... --port 0` in a subprocess; the port is read from its stderr line."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "infer", "serve", "--port", "0", "--log-level", "warning",
+                                      *args], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.port: int | None = None
+        found = threading.Event()
+
+        def read():  # keep draining stderr so the child never blocks on a full pipe
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+                if m and self.port is None:
+                    self.port = int(m.group(1))
+                    found.set()
+            found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(120) or self.port is None:
+            self.kill()
+            raise RuntimeError("the server did not report its port:\n" + "".join(self.lines[-20:]))
+        self.base = f"http://127.0.0.1:{self.port}"
+        wait_healthy(self.base, proc=self.proc)
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
