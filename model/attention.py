@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import dense, dropout, param, rope
+from model.layers import adapted, dense, dropout, param, rope
 from sharding.rules import is_sharded
 
 
@@ -187,6 +187,7 @@ class Attention(nnx.Module):
             q, k, v = jnp.split(dense(x, w, self.cfg.matmul), [H * Dh, (H + K) * Dh], axis=-1)
             lead = x.shape[:-1]
             q, k, v = q.reshape(*lead, H, Dh), k.reshape(*lead, K, Dh), v.reshape(*lead, K, Dh)
+        q, k, v = adapted(self, "wq", x, q), adapted(self, "wk", x, k), adapted(self, "wv", x, v)  # LoRA, if any
         if self.bq is not None:
             q, k, v = q + self.bq[...].astype(c), k + self.bk[...].astype(c), v + self.bv[...].astype(c)
         if self.cfg.positions == "rope":
@@ -204,7 +205,7 @@ class Attention(nnx.Module):
             attn_key, resid_key = jax.random.split(dropout_key)
         out = dot_product_attention(q, k, v, mask, impl=self.cfg.attention, dropout_rate=self.cfg.dropout,
                                     dropout_key=attn_key, positions=positions, cached=cached)  # (B, L, H, Dh)
-        y = dense(out, self.wo[...].astype(c), self.cfg.matmul, contract=2)  # (B, L, D)
+        y = adapted(self, "wo", out, dense(out, self.wo[...].astype(c), self.cfg.matmul, contract=2))  # (B, L, D)
         if self.bo is not None:
             y = y + self.bo[...].astype(c)
         return dropout(y, self.cfg.dropout, resid_key)

@@ -222,14 +222,58 @@ def load_for_inference(path: str | Path, step: int | None = None, sharding: jax.
     from model.tokenizer import tokenizer_from_json
     from model.transformer import abstract_model
 
+    from model import lora
+
     step, config, tokenizer_json = read_checkpoint_meta(path, step)
     model_section = {**config.get("model", {}), "attention": "xla", "matmul": "xla", "norm_impl": "xla"}
     cfg = model_config_from_dict(model_section).validate()
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     graphdef, abstract = abstract_model(cfg)
     like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nnx.to_pure_dict(abstract))
-    params = restore_params(path, step, like)
+    settings = lora.lora_settings(config)
+    if settings is None:
+        params = restore_params(path, step, like)
+    else:  # a LoRA run's checkpoint holds only adapters: its base + the adapters, folded into the weights
+        rank, alpha, targets = settings
+        base = _lora_base_params(path, step, config, like, sharding)
+        adapters = restore_params(path, step, lora.abstract_adapters(cfg, rank, targets, sharding))
+        params = lora.merge_adapters(base, adapters, lora.scale_of(rank, alpha))
     return LoadedModel(config, nnx.merge(graphdef, params), tokenizer_from_json(tokenizer_json), step)
+
+
+def _lora_base_params(path, step: int, config: dict, like, sharding):
+    """The base parameters of LoRA run `path` (pure dict shaped as `like`): the run and step its
+    checkpoint's `lora` item recorded (else finetune.init_from), loaded with `load_for_inference`
+    (so a base that is itself a LoRA run comes merged). FileNotFoundError / ConfigError naming the
+    base when it is gone or no longer fits."""
+    from flax import nnx
+
+    from model.config import ConfigError
+    from model.lora import parse_base
+
+    record = {}
+    if (checkpoint_dir(path) / str(step) / "lora").is_dir():
+        manager = checkpoint_manager(checkpoint_dir(path), read_only=True)
+        try:
+            record = manager.restore(step, args=ocp.args.Composite(lora=ocp.args.JsonRestore()))["lora"]
+        finally:
+            manager.close()
+    init_from = (config.get("finetune") or {}).get("init_from", "")
+    base_dir, base_step = record.get("base"), record.get("base_step")
+    if not base_dir:
+        base_dir, base_step = parse_base(init_from)
+    if not base_dir:
+        raise ConfigError(f"{path}: a LoRA run (finetune.lora_rank > 0) without its base (finetune.init_from)")
+    if not Path(base_dir).is_dir():
+        raise FileNotFoundError(f"{path}: the LoRA run's base {base_dir} (finetune.init_from={init_from!r}) "
+                                "is not there; its checkpoint holds only the adapters")
+    base = nnx.to_pure_dict(nnx.state(load_for_inference(base_dir, base_step, sharding).model))
+    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), like)
+    have = jax.tree.map(lambda x: (x.shape, str(x.dtype)), base)
+    if want != have:
+        raise ConfigError(f"{path}: the base {base_dir} (step {base_step}) no longer matches the LoRA run's "
+                          "model section (parameter shapes differ)")
+    return base
 
 
 # ---- writing a model-only checkpoint -----------------------------------------------------------

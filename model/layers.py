@@ -56,6 +56,13 @@ def dense(x: jax.Array, w: jax.Array, impl: str = "xla", contract: int = 1) -> j
     return y.reshape(*lead, *out)
 
 
+def adapted(module: nnx.Module, weight: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y` = x applied to `module.<weight>`, plus that weight's LoRA update when an adapter is
+    attached to it (model/lora.py: `<weight>_lora`); `y` itself otherwise."""
+    adapter = getattr(module, weight + "_lora", None)
+    return y if adapter is None else y + adapter(x)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `key` is None (evaluation) or `rate` is 0."""
     if key is None or rate == 0.0:
@@ -152,11 +159,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, L, D) -> (B, L, D)
         c = self.compute_dtype
-        h = dense(x, self.w_up[...].astype(c), self.matmul)  # (B, L, F)
+        h = adapted(self, "w_up", x, dense(x, self.w_up[...].astype(c), self.matmul))  # (B, L, F)
         if self.b_up is not None:
             h = h + self.b_up[...].astype(c)
         if self.kind == "swiglu":
-            g = dense(x, self.w_gate[...].astype(c), self.matmul)
+            g = adapted(self, "w_gate", x, dense(x, self.w_gate[...].astype(c), self.matmul))
             if self.b_gate is not None:
                 g = g + self.b_gate[...].astype(c)
             h = jax.nn.silu(g) * h
@@ -164,7 +171,7 @@ class MLP(nnx.Module):
             h = jax.nn.gelu(h, approximate=True)  # tanh GELU, as Hugging Face GPT-2 ("gelu_new")
         else:
             h = gelu_exact(h)  # exact erf GELU, as GPT-2 / nanoGPT (torch default)
-        y = dense(h, self.w_down[...].astype(c), self.matmul)  # (B, L, D)
+        y = adapted(self, "w_down", h, dense(h, self.w_down[...].astype(c), self.matmul))  # (B, L, D)
         if self.b_down is not None:
             y = y + self.b_down[...].astype(c)
         return y
