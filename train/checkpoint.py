@@ -63,10 +63,12 @@ class Checkpointer:
         return step
 
     def save(self, step: int, state: TrainState, data_state: dict, config: dict, tokenizer_json: str,
-             guard: dict | None = None) -> None:
+             guard: dict | None = None, meta: dict | None = None) -> None:
         """Start writing checkpoint `step` (returns once the arrays are copied off the devices).
-        `guard` is the numerical guard's host state (train/guard.py)."""
+        `guard` is the numerical guard's host state (train/guard.py); `meta` more JSON items by
+        name (a LoRA run's `lora`: where its base is, train/lora.py)."""
         extra = {} if guard is None else {"guard": ocp.args.JsonSave(guard)}
+        extra.update({name: ocp.args.JsonSave(body) for name, body in (meta or {}).items()})
         self.manager.save(step, args=ocp.args.Composite(
             **model_items(state.params, config, tokenizer_json),
             train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state, "rng": state.rng}),
@@ -89,7 +91,8 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
         ))
         t = out["train"]
-        return TrainState(t["step"], out["params"], t["opt_state"], t["rng"]), out["data"]
+        # `frozen` (LoRA's base) is never saved: it stays what the run loaded (train/lora.py)
+        return TrainState(t["step"], out["params"], t["opt_state"], t["rng"], like.frozen), out["data"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

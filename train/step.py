@@ -27,6 +27,18 @@ class TrainState:
     params: Any  # nested dict of arrays (nnx pure dict)
     opt_state: Any
     rng: jax.Array
+    # Parameters the model uses but training never changes (LoRA's base, train/lora.py), a nested
+    # dict completing `params`; None when every parameter trains. No gradient or optimizer state.
+    frozen: Any = None
+
+
+def with_frozen(params, frozen):
+    """The model's whole parameter tree: the trained `params` joined with the `frozen` ones."""
+    if frozen is None:
+        return params
+    from model.lora import join_params
+
+    return join_params(frozen, params)
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
@@ -50,12 +62,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
 
 
 def make_loss_fn(graphdef, splits: int = 1) -> Callable:
-    """`loss_fn(params, batch, dropout_key)`: mean token loss of the batch. With `splits > 1` the
+    """`loss_fn(params, batch, dropout_key[, frozen])`: mean token loss of the batch (differentiated
+    with respect to `params` only; `frozen`: TrainState.frozen). With `splits > 1` the
     batch is cut along B into that many slices whose forward passes (and so backward passes) are
     separate in the graph: the loss is still the batch's total over its token count, but XLA may
     run the slices' ops concurrently (train.batch_splits, see train/config.py)."""
-    def loss_fn(params, batch, dropout_key):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params, batch, dropout_key, frozen=None):
+        model = nnx.merge(graphdef, with_frozen(params, frozen))
         if splits == 1:
             logits, _ = model(batch["inputs"], dropout_key=dropout_key)
             total, count = cross_entropy(logits, batch["targets"], batch.get("weights"))
@@ -97,14 +110,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
     def train_step(state: TrainState, batch: dict, loss_limit: jax.Array | None = None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
         if grad_accum == 1:
-            loss, grads = grad_fn(state.params, batch, key)
+            loss, grads = grad_fn(state.params, batch, key, state.frozen)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
             def accumulate(carry, xs):
                 i, mb = xs
                 k = None if key is None else jax.random.fold_in(key, i)
-                loss, grads = grad_fn(state.params, mb, k)
+                loss, grads = grad_fn(state.params, mb, k, state.frozen)
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -123,16 +136,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, gra
                                          (params, opt_state), (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                    "nonfinite": 1.0 - finite.astype(jnp.float32), "skipped": 1.0 - apply.astype(jnp.float32)}
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        return TrainState(state.step + 1, params, opt_state, state.rng, state.frozen), metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
 
 def make_eval_step(graphdef) -> Callable:
-    """Return a jitted `eval_step(params, batch) -> (loss_sum, token_count)`; batches may carry
+    """Return a jitted `eval_step(params, batch[, frozen]) -> (loss_sum, token_count)`; batches may carry
     `weights` (0 for padding) so a whole split is averaged exactly."""
-    def eval_step(params, batch):
-        model = nnx.merge(graphdef, params)
+    def eval_step(params, batch, frozen=None):
+        model = nnx.merge(graphdef, with_frozen(params, frozen))
         logits, _ = model(batch["inputs"])
         return cross_entropy(logits, batch["targets"], batch.get("weights"))
     return jax.jit(eval_step)
