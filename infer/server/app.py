@@ -159,9 +159,9 @@ class _Guard:
         if length is not None:
             if not length.isdigit():
                 return ProtocolError("the Content-Length header is not a number")
-            if int(length) > st.max_body_bytes:
-                return ProtocolError(f"the body has {int(length)} bytes; at most {st.max_body_bytes} are allowed",
-                                     status=413, code="body_too_large")
+            if len(length) > 15 or int(length) > st.max_body_bytes:  # (a 5,000-digit length is no int to parse)
+                return ProtocolError(f"the body has {length[:20].decode()} bytes; at most {st.max_body_bytes} are "
+                                     "allowed", status=413, code="body_too_large")
         return None
 
 

@@ -2,6 +2,7 @@
 
     python -m infer serve --run runs/quickstart --port 8000
     JAXLM_API_KEY=secret python -m infer serve --run a=runs/a --run b=runs/b --host 0.0.0.0
+    python -m infer serve --run runs/llama --mesh tensor=8 --slots 32   # one model over 8 devices
 
 Safe defaults: binds 127.0.0.1; any other address needs an API key (refused at start-up otherwise).
 SIGTERM drains: new requests get 503, running ones finish within --drain-timeout, then the process
@@ -45,6 +46,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed by CORS (repeatable; no wildcard; default: none)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    from infer.cli import add_mesh_arguments
+
+    add_mesh_arguments(p)  # --mesh tensor=8: weights and KV cache split over this host's devices
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -118,7 +122,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from infer.cli import UserError, load_checkpoint
+    from infer.cli import UserError, load_on_mesh
 
     try:
         import fastapi  # noqa: F401
@@ -131,6 +135,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in runs.items():
         if not Path(path).is_dir():
             raise UserError(f"--run={path}: no such run or checkpoint directory")
+    if args.mesh:  # its syntax before binding; whether it splits each model, before each loads
+        from sharding.mesh import parse_mesh
+        from sharding.rules import ShardingError
+
+        try:
+            parse_mesh(args.mesh)
+        except ShardingError as e:
+            raise UserError(str(e)) from None
     sock = _bind(args.host, args.port)  # before loading: a taken port fails in a second, not after minutes
 
     from infer.engine import Engine
@@ -139,9 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engines = []
     for name, path in runs.items():
         # the chat template travels in the tokenizer (jaxlm's own, or an imported model's Jinja one)
-        loaded = load_checkpoint(path, None)
+        loaded, layout = load_on_mesh(path, None, args.mesh, args.rules, args.slots)
         engines.append(Engine(loaded.model, loaded.tokenizer, slots=args.slots, max_queue=args.max_queue, name=name,
-                              quantize=None if args.quantize == "none" else args.quantize))
+                              quantize=None if args.quantize == "none" else args.quantize, layout=layout))
     app = create_app(engines, api_key=key, request_timeout_s=args.request_timeout,
                      cors_origins=args.allow_origin, shutdown_grace_s=args.drain_timeout)
     state = app.state.jaxlm

@@ -77,15 +77,37 @@ class Generation:
             raise ProtocolError(str(e)) from None
 
     def _callback(self, i: int):
-        put = self.queue.put_nowait
-
         def on_event(event) -> None:  # engine thread: hand over to the loop, never touch loop state
             try:
-                self.loop.call_soon_threadsafe(put, (i, event))
+                self.loop.call_soon_threadsafe(self._receive, i, event)
             except RuntimeError:  # the loop is closed (process exit): nobody is listening
                 pass
 
         return on_event
+
+    def _receive(self, i: int, ev) -> None:
+        """On the loop, for every event whether or not a response still reads them (a client that
+        left is cancelled, and its sequences still count): metrics, then the queue."""
+        seq, m, name = self.seqs[i], self.metrics, self.served.name
+        if ev.token_ids:
+            if seq.first_time is None:
+                m.ttft.labels(name).observe(max(ev.time - seq.handle.submitted_at, 0.0))
+                if seq.handle.started_at is not None:
+                    m.queue_time.labels(name).observe(max(seq.handle.started_at - seq.handle.submitted_at, 0.0))
+                seq.first_time = ev.time
+            else:
+                gap = max(ev.time - seq.last_time, 0.0) / len(ev.token_ids)
+                for _ in ev.token_ids:
+                    m.itl.labels(name).observe(gap)
+            seq.last_time = ev.time
+        seq.text.append(ev.text)
+        seq.prompt_tokens, seq.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+        if ev.finish_reason is not None:
+            seq.finish_reason = ev.finish_reason
+            m.requests.labels(name, ev.finish_reason).inc()
+            m.prompt_tokens.labels(name).inc(ev.prompt_tokens)
+            m.generation_tokens.labels(name).inc(ev.completion_tokens)
+        self.queue.put_nowait((i, ev))
 
     def watch_disconnect(self, request) -> None:
         """Cancel every sequence when the client disconnects (started after the body is read)."""
@@ -115,9 +137,7 @@ class Generation:
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, Event) in arrival order until every sequence has finished. Raises
         ProtocolError 504 past the deadline (the sequences are cancelled)."""
-        pending = sum(s.finish_reason is None for s in self.seqs)
-        name = self.served.name
-        m = self.metrics
+        pending = len(self.seqs)
         while pending:
             remaining = self.deadline - time.monotonic()
             try:
@@ -126,26 +146,8 @@ class Generation:
                 self.cancel()
                 raise ProtocolError("the request ran past its deadline and was cancelled", status=504,
                                     type="timeout_error", code="deadline_exceeded") from None
-            seq = self.seqs[i]
-            if ev.token_ids:
-                if seq.first_time is None:
-                    m.ttft.labels(name).observe(max(ev.time - seq.handle.submitted_at, 0.0))
-                    if seq.handle.started_at is not None:
-                        m.queue_time.labels(name).observe(max(seq.handle.started_at - seq.handle.submitted_at, 0.0))
-                    seq.first_time = ev.time
-                else:
-                    gap = max(ev.time - seq.last_time, 0.0) / len(ev.token_ids)
-                    for _ in ev.token_ids:
-                        m.itl.labels(name).observe(gap)
-                seq.last_time = ev.time
-            seq.text.append(ev.text)
-            seq.prompt_tokens, seq.completion_tokens = ev.prompt_tokens, ev.completion_tokens
             if ev.finish_reason is not None:
-                seq.finish_reason = ev.finish_reason
                 pending -= 1
-                m.requests.labels(name, ev.finish_reason).inc()
-                m.prompt_tokens.labels(name).inc(ev.prompt_tokens)
-                m.generation_tokens.labels(name).inc(ev.completion_tokens)
             yield i, ev
 
     def check_finish(self, reason: str | None) -> None:

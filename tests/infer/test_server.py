@@ -218,6 +218,26 @@ def test_metrics_count_the_requests_sent(srv, client):
     assert httpx.get(srv.base + "/metrics").status_code == 401  # the key guards the metrics too
 
 
+def test_a_request_past_its_deadline_is_cancelled(srv):
+    state = srv.app.state.jaxlm
+    state.request_timeout_s = 0.3  # this server's --request-timeout, shortened for the test
+    try:
+        body = {"prompt": "Hello", "max_tokens": LONG, "temperature": 0}
+        r = httpx.post(srv.base + "/v1/completions", json=body, headers=auth(), timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        with httpx.stream("POST", srv.base + "/v1/completions", json={**body, "stream": True}, headers=auth(),
+                          timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "deadline_exceeded"
+    finally:
+        state.request_timeout_s = 120
+    t0 = time.monotonic()
+    while metric(httpx.get(srv.base + "/metrics", headers=auth()).text, "jaxlm_requests_running", model="tiny"):
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.01)
+
+
 def test_non_loopback_bind_without_a_key_is_refused():
     run = tiny_checkpoint()
     out = subprocess.run([sys.executable, "-m", "infer", "serve", "--run", str(run), "--host", "0.0.0.0"], cwd=ROOT,
