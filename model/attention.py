@@ -23,10 +23,16 @@ from model.layers import adapted, dense, dropout, param, rope
 from sharding.rules import is_sharded
 
 
-def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
-    """(B, L) query positions, (B, S) key positions -> (B, L, S) bool: may query attend to key."""
+def causal_mask(q_positions: jax.Array, kv_positions: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """(B, L) query positions, (B, S) key positions -> (B, L, S) bool: may query attend to key.
+
+    segment_ids (B, L), self-attention only (S = L): packed examples, each with positions from 0; a
+    query attends only to keys of its own segment, so no example sees another."""
     kv = kv_positions[:, None, :]
-    return (kv >= 0) & (kv <= q_positions[:, :, None])
+    mask = (kv >= 0) & (kv <= q_positions[:, :, None])
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, L, L)
+    return mask
 
 
 @jax.custom_vjp
@@ -105,12 +111,16 @@ KERNEL_IMPLS = ("pallas", "cudnn", "cpu")
 
 
 def dot_product_attention(q, k, v, mask, *, impl: str = "xla", dropout_rate=0.0, dropout_key=None,
-                          positions=None, cached: bool = False):
+                          positions=None, cached: bool = False, segment_ids=None):
     """Dispatch to the configured attention implementation (see module docstring). The kernel
-    implementations need `positions` (B, L) of this self-attention and no KV cache."""
+    implementations need `positions` (B, L) of this self-attention and no KV cache; packed
+    examples (`segment_ids`, already in `mask`) only the xla path masks."""
     if impl not in _ATTENTION_FUNCTIONS:
         raise ValueError(f"model.attention={impl!r} is not available; "
                          f"choose one of {', '.join(_ATTENTION_FUNCTIONS)}")
+    if impl in KERNEL_IMPLS and segment_ids is not None:
+        raise ValueError(f"model.attention={impl!r} does not mask packed examples (segment_ids); "
+                         "use model.attention='xla' for packed chat data")
     if impl in KERNEL_IMPLS:
         if cached or positions is None or q.shape[1] != k.shape[1]:
             raise ValueError(f"model.attention={impl!r} computes full-sequence self-attention and cannot attend "
@@ -194,17 +204,20 @@ class Attention(nnx.Module):
             q, k = rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta)
         return q, k, v
 
-    def __call__(self, q, positions, k, v, kv_positions, *, dropout_key=None, cached: bool = False):
+    def __call__(self, q, positions, k, v, kv_positions, *, dropout_key=None, cached: bool = False,
+                 segment_ids=None):
         """q: (B, L, H, Dh) queries of this segment (`project_qkv`); positions: (B, L); k, v:
         (B, S, K, Dh) keys/values to attend to (this segment's own, or the cache after writing
-        them: `cached`); kv_positions: (B, S). Returns the attention output projected, (B, L, D)."""
+        them: `cached`); kv_positions: (B, S); segment_ids: (B, L) packed examples (no cache).
+        Returns the attention output projected, (B, L, D)."""
         c = jnp.dtype(self.cfg.compute_dtype)
-        mask = causal_mask(positions, kv_positions)
+        mask = causal_mask(positions, kv_positions, segment_ids)  # (B, L, S)
         attn_key = resid_key = None
         if dropout_key is not None:
             attn_key, resid_key = jax.random.split(dropout_key)
         out = dot_product_attention(q, k, v, mask, impl=self.cfg.attention, dropout_rate=self.cfg.dropout,
-                                    dropout_key=attn_key, positions=positions, cached=cached)  # (B, L, H, Dh)
+                                    dropout_key=attn_key, positions=positions, cached=cached,
+                                    segment_ids=segment_ids)  # (B, L, H, Dh)
         y = adapted(self, "wo", out, dense(out, self.wo[...].astype(c), self.cfg.matmul, contract=2))  # (B, L, D)
         if self.bo is not None:
             y = y + self.bo[...].astype(c)

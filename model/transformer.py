@@ -104,8 +104,10 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, cache_kv=None, kv_positions=None, index=None, dropout_key=None):
-        """x: (B, L, D) -> (x, kv). Without a cache, attends within x and kv is this segment's (k, v).
+    def __call__(self, x, positions, cache_kv=None, kv_positions=None, index=None, dropout_key=None,
+                 segment_ids=None):
+        """x: (B, L, D) -> (x, kv). Without a cache, attends within x (within each packed example
+        when `segment_ids` (B, L) is given) and kv is this segment's (k, v).
         With `cache_kv=(ks, vs, layer)` (every layer's cache in KVCache's layouts, and this block's
         layer), writes this segment's keys/values into that layer from slot `index` on, attends over
         the layer (slot positions `kv_positions`), and kv is the updated (ks, vs)."""
@@ -123,7 +125,8 @@ class Block(nnx.Module):
             ks, vs, layer = cache_kv
             kv = _write_layer(ks, vs, layer, index, k, v)
             k, v = _read_layer(*kv, layer)  # (B, S, K, Dh) x 2
-        x = x + self.attn(q, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None)
+        x = x + self.attn(q, positions, k, v, kv_positions, dropout_key=attn_key, cached=cache_kv is not None,
+                          segment_ids=segment_ids)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout, mlp_key)
         return with_logical_constraint(x, ("batch", "seq", None)), kv
 
@@ -160,10 +163,14 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, std=cfg.init_std)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
-                 dropout_key: jax.Array | None = None, layer_params: list | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 dropout_key: jax.Array | None = None, layer_params: list | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """tokens: (B, L) int32; positions: (B, L) int32 (default 0..L-1; -1 marks left padding).
         Returns float32 logits (B, L, V) and the updated cache (None without one).
+
+        segment_ids: (B, L) int32, packed examples (training on conversations): a token attends only
+        to earlier tokens of the same segment; pass positions restarting at 0 per example. Not with a
+        cache or pipeline stages.
 
         layer_params (with a cache only): the blocks' parameters already cut per layer
         (`split_layers`), used instead of cutting the stacked ones here (the layers are then
@@ -174,15 +181,18 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         embed_key, layers_key = self._dropout_keys(dropout_key)
 
+        if segment_ids is not None and (cache is not None or pipeline.num_stages() > 1):
+            raise ValueError("segment_ids (packed examples) work without a KV cache and without pipeline stages")
+
         x = self._embed(tokens, positions, embed_key)  # (B, L, D)
         if cache is not None:
             x, cache = self._run_cached(x, positions, cache, layers_key, layer_params)
         elif pipeline.num_stages() > 1:
             x = self._run_pipeline(x, positions, layers_key)
         elif self.cfg.scan_layers:
-            x = self._run_scanned(x, positions, layers_key)
+            x = self._run_scanned(x, positions, layers_key, segment_ids)
         else:
-            x = self._run_unrolled(x, positions, layers_key)
+            x = self._run_unrolled(x, positions, layers_key, segment_ids)
         x = self.final_norm(x)
         return self._logits(x), cache  # (B, L, V)
 
@@ -210,23 +220,25 @@ class Transformer(nnx.Module):
 
     # The ways of running the n_layers blocks; each maps x (B, L, D) -> (B, L, D).
 
-    def _run_scanned(self, x, positions, dropout_key):
+    def _run_scanned(self, x, positions, dropout_key, segment_ids=None):
         """lax.scan over the stacked layers: one block is traced, so compile time does not grow with depth."""
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, xs):
             i, params = xs
-            x, _ = nnx.merge(graphdef, params)(x, positions, dropout_key=_layer_key(dropout_key, i))
+            x, _ = nnx.merge(graphdef, params)(x, positions, dropout_key=_layer_key(dropout_key, i),
+                                               segment_ids=segment_ids)
             return x, None
 
         x, _ = jax.lax.scan(body, x, (jnp.arange(self.cfg.n_layers), stacked))
         return x
 
-    def _run_unrolled(self, x, positions, dropout_key):
+    def _run_unrolled(self, x, positions, dropout_key, segment_ids=None):
         """The layers one after another in the graph (`scan_layers=False`): faster on CPU for shallow models."""
         graphdef, stacked = nnx.split(self.blocks)
         for i, params in enumerate(per_layer_params(stacked, self.cfg.n_layers)):
-            x, _ = nnx.merge(graphdef, params)(x, positions, dropout_key=_layer_key(dropout_key, i))
+            x, _ = nnx.merge(graphdef, params)(x, positions, dropout_key=_layer_key(dropout_key, i),
+                                               segment_ids=segment_ids)
         return x
 
     def _run_pipeline(self, x, positions, dropout_key):

@@ -21,15 +21,20 @@ import yaml
 from model.config import ConfigError, ModelConfig, build_section, choice, model_config_from_dict
 
 
-SOURCES = ("python_stdlib", "tinyshakespeare", "files", "url")
+SOURCES = ("python_stdlib", "tinyshakespeare", "files", "url", "chat_jsonl", "stdlib_chat")
+CHAT_SOURCES = ("chat_jsonl", "stdlib_chat")  # conversations: packed examples, loss on assistant tokens only
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 TOKENIZERS = ("byte", "char", "bpe")
 SAMPLING = ("windows", "packed")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "python_stdlib"  # python_stdlib | tinyshakespeare | files | url
-    path: str = ""  # files: a file, directory or glob; tinyshakespeare: a local copy (else downloaded)
+    source: str = "python_stdlib"  # python_stdlib | tinyshakespeare | files | url | chat_jsonl | stdlib_chat
+    # files: a file, directory or glob; tinyshakespeare: a local copy (else downloaded); chat_jsonl: a
+    # JSONL file of {"messages": [...]} (the last val_fraction held out) or a directory with train.jsonl
+    # and val.jsonl
+    path: str = ""
     url: str = ""  # url: where to download the text from (once, into cache_dir)
     sha256: str = ""  # url: expected checksum of the download ("" = not checked)
     cache_dir: str = "~/.cache/jaxlm"
@@ -49,6 +54,9 @@ class DataConfig:
         choice("data.sampling", self.sampling, SAMPLING)
         if self.source == "files" and not self.path:
             raise ConfigError("data.path is required with data.source=files (a file, directory or glob)")
+        if self.source == "chat_jsonl" and not self.path:
+            raise ConfigError("data.path is required with data.source=chat_jsonl (a .jsonl file, or a directory "
+                              "with train.jsonl and val.jsonl)")
         if self.source == "url" and not self.url:
             raise ConfigError("data.url is required with data.source=url")
         if self.seq_len < 0:
@@ -196,6 +204,37 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Starting from a trained (or imported) model instead of random parameters (train/finetune.py),
+    and LoRA adapters (model/lora.py)."""
+
+    init_from: str = ""  # RUN_DIR or RUN_DIR@STEP: its parameters and tokenizer start this run (optimizer fresh)
+    chat_tokens: bool = True  # chat data: reserve <|im_start|>/<|im_end|> (ChatML) unless the tokenizer has a template
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0: only rank-r adapters on lora_targets train
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_targets: str = "q,k,v,o"  # comma list of q, k, v, o, mlp
+    max_bad_fraction: float = 0.1  # chat data: more bad lines (JSON, messages, too long) than this is an error
+
+    def lora_target_list(self) -> tuple[str, ...]:
+        """`lora_targets` as a tuple of names, in the order given."""
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def validate(self) -> "FinetuneConfig":
+        if self.lora_rank < 0:
+            raise ConfigError(f"finetune.lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tuning)")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"finetune.lora_alpha={self.lora_alpha} must be > 0")
+        targets = self.lora_target_list()
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets or len(set(targets)) != len(targets):
+            raise ConfigError(f"finetune.lora_targets={self.lora_targets!r} must be a comma list of distinct names "
+                              f"from {', '.join(LORA_TARGETS)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"finetune.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        return self
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     dir: str = ""  # "" = runs/<name>
@@ -219,6 +258,7 @@ class ExperimentConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "ExperimentConfig":
         for f in dataclasses.fields(self):
@@ -236,6 +276,12 @@ class ExperimentConfig:
             raise ConfigError(f"the per-step batch train.batch_size / optim.grad_accum = "
                               f"{self.train.batch_size // self.optim.grad_accum} must be divisible by "
                               f"mesh.microbatches={micro}")
+        if self.data.source in CHAT_SOURCES and self.model.attention != "xla":
+            raise ConfigError(f"data.source={self.data.source} packs conversations with segment ids, which only "
+                              f"model.attention='xla' masks; got model.attention={self.model.attention!r}")
+        if self.data.source in CHAT_SOURCES and m.stage > 1:
+            raise ConfigError(f"data.source={self.data.source} (segment ids) is not supported with pipeline "
+                              "parallelism (mesh.stage > 1)")
         if m.stage > 1 and self.model.dropout > 0:
             raise ConfigError("model.dropout must be 0 with pipeline parallelism (mesh.stage > 1)")
         if self.train.batch_size % self.optim.grad_accum:
@@ -257,7 +303,7 @@ class ExperimentConfig:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-    "mesh": MeshConfig, "checkpoint": CheckpointConfig, "run": RunConfig,
+    "mesh": MeshConfig, "checkpoint": CheckpointConfig, "run": RunConfig, "finetune": FinetuneConfig,
 }
 
 
@@ -311,6 +357,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 def from_dict(tree: dict[str, dict[str, Any]]) -> ExperimentConfig:
     """Build and validate a config from a (possibly partial) nested dict."""
+    tree = _init_from_alias(tree)
     sections = {}
     for name, cls in _SECTION_TYPES.items():
         body = dict(tree.get(name) or {})
@@ -318,3 +365,19 @@ def from_dict(tree: dict[str, dict[str, Any]]) -> ExperimentConfig:
     if sections["data"].seq_len == 0:
         sections["data"] = dataclasses.replace(sections["data"], seq_len=sections["model"].max_seq_len)
     return ExperimentConfig(**sections).validate()
+
+
+def _init_from_alias(tree: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`model.init_from` (the name issue 17 uses) is an alias of `finetune.init_from`, the one field:
+    it is moved there, so resolved configs and checkpoints only ever hold `finetune.init_from`."""
+    model = tree.get("model") or {}
+    if not isinstance(model, dict) or "init_from" not in model:
+        return tree
+    model = dict(model)
+    value = model.pop("init_from")
+    finetune = dict(tree.get("finetune") or {})
+    if finetune.get("init_from", value) != value:
+        raise ConfigError(f"model.init_from={value!r} and finetune.init_from={finetune['init_from']!r} disagree; "
+                          "set one (model.init_from is an alias of finetune.init_from)")
+    finetune["init_from"] = value
+    return {**tree, "model": model, "finetune": finetune}

@@ -38,6 +38,8 @@ from train.optim import learning_rate_schedule, make_optimizer
 from train.preemption import PreemptionWatch
 from train.run_files import params_sha256, write_json, write_manifest
 from train.step import init_train_state, make_eval_step, make_train_step
+from train import finetune
+from train import lora as train_lora
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,11 @@ class Trainer:
 
     def _set_up(self, cfg: ExperimentConfig) -> None:
         """Data, config, model, optimizer, steps and iterator; restored from the checkpoint when resuming."""
-        self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress)
-        cfg = resolve_vocab(cfg, self.data.tokenizer)
+        # fine-tuning (finetune.init_from): the source's tokenizer encodes the data (train/finetune.py)
+        self.source = finetune.load_source(cfg.finetune) if cfg.finetune.init_from else None
+        self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress,
+                                          **finetune.data_options(cfg, self.source))
+        cfg = resolve_vocab(finetune.finetune_config(cfg, self.source, self.data.tokenizer), self.data.tokenizer)
         if self.resume_step is not None:
             _, saved_cfg, _ = read_checkpoint_meta(self.run_dir, self.resume_step)
             check_resume_compatible(saved_cfg, cfg)
@@ -122,7 +127,14 @@ class Trainer:
             except ShardingError as e:
                 raise ConfigError(f"mesh {dict(self.mesh.shape)} with mesh.rules={cfg.mesh.rules}: {e}") from None
             self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-            self.graphdef, self.state = init_train_state(model, self.tx, cfg.train.seed)
+            if train_lora.enabled(cfg.finetune):  # adapters train on the frozen base (train/lora.py)
+                self.graphdef, self.state = train_lora.lora_train_state(model, self.tx, cfg.finetune,
+                                                                        cfg.train.seed, self.source)
+            else:
+                self.graphdef, self.state = init_train_state(model, self.tx, cfg.train.seed)
+        if self.source is not None and self.resume_step is None and self.state.frozen is None:
+            # step 0 of a fine-tuning run: the source's parameters
+            self.state = finetune.init_state_from(self.state, self.source)
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.train_step = make_train_step(self.graphdef, self.tx, self.lr_schedule, cfg.optim.grad_accum,
                                           dropout=cfg.model.dropout > 0,
@@ -181,12 +193,13 @@ class Trainer:
         show = self.cfg.train.progress and self.is_main
         with self.mesh_context():
             for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not show):
-                s, n = self.eval_step(self.state.params, self.to_global(batch))
+                s, n = self.eval_step(self.state.params, self.to_global(batch), self.state.frozen)
                 loss_sum, count = loss_sum + float(s), count + float(n)
         return loss_sum / max(count, 1.0)
 
     def save(self, step: int, data_state: dict) -> None:
         self.checkpointer.save(step, self.state, data_state, self.cfg.to_dict(), self.data.tokenizer.to_json(),
+                               meta=train_lora.checkpoint_meta(self.cfg.finetune, self.source),
                                guard=self.guard.state_dict())
         self.last_saved = step
 
@@ -208,6 +221,12 @@ class Trainer:
         self.last_saved = self.resume_step
         self.watch.install()
 
+        if self.source is not None and start == 0:  # the source model on this data: "before fine-tuning"
+            self.init_val_loss = self.evaluate(
+                data_lib.val_batches(self.data, cfg.data, tc.batch_size, **self.process),
+                total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size), desc="eval before fine-tuning")
+            self.metrics.write(0, {"val_loss": self.init_val_loss})
+            log.info("validation loss before fine-tuning (whole split): %.4f", self.init_val_loss)
         with self.mesh_context():
             if start < tc.steps:
                 batch = self.to_global(next(self.train_iter))
@@ -269,6 +288,7 @@ class Trainer:
             "params_sha256": params_sha256(self.state.params),
             "nonfinite_steps": self.guard.nonfinite_total,
             "spike_steps": self.guard.spikes_total,
+            "init_val_loss": getattr(self, "init_val_loss", None),  # fine-tuning: val_loss at step 0
         }
         if self.is_main:
             self.metrics.write(tc.steps, {"val_loss": final_loss, "final": True})
@@ -297,7 +317,11 @@ class Trainer:
 
         cfg = self.cfg
         # the sampler's KV-cache path has only the jnp attention; the parameters are the same
-        model = with_kernels(nnx.merge(self.graphdef, self.state.params), "xla", cfg.model.matmul, cfg.model.norm_impl)
+        model = with_kernels(train_lora.trained_model(self.graphdef, self.state), "xla", cfg.model.matmul,
+                             cfg.model.norm_impl)
+        if finetune.is_chat(cfg):  # answers to a user turn, in the chat template
+            return finetune.write_chat_samples(model, self.data.tokenizer, self.run_dir / "samples.txt",
+                                               cfg.train.sample_prompt, cfg.train.sample_tokens, cfg.train.seed, n)
         prompt = cfg.train.sample_prompt or self.data.tokenizer.decode(self.data.val.read(0, 16))
         texts = generate_text(model, self.data.tokenizer, [prompt] * n, max_new_tokens=cfg.train.sample_tokens,
                               temperature=0.8, top_k=0, seed=cfg.train.seed)

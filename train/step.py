@@ -51,7 +51,9 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
-    """Sum of token losses and the number of tokens. logits (B, L, V) float32, targets (B, L)."""
+    """Sum of token losses and the number of tokens. logits (B, L, V) float32, targets (B, L);
+    weights (B, L): 0 for padding and, in chat data, for every token that is not the assistant's
+    (the loss mask), so those targets reach neither the loss nor its gradient."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # (B, L)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -59,6 +61,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
     if weights is None:
         return losses.sum(), jnp.asarray(losses.size, jnp.float32)
     return (losses * weights).sum(), weights.sum()
+
+
+def forward(model, batch: dict, dropout_key=None) -> jax.Array:
+    """The model's logits (B, L, V) for a batch; packed chat batches carry `positions` (restarting
+    at 0 per example) and `segment_ids` (B, L) so no example attends to another."""
+    logits, _ = model(batch["inputs"], batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                      dropout_key=dropout_key)
+    return logits
+
+
+def _mean(total, count):
+    # a batch whose weights are all 0 (chat data: only padding) has no loss, not NaN
+    return total / jnp.maximum(count, 1.0)
 
 
 def make_loss_fn(graphdef, splits: int = 1) -> Callable:
@@ -70,9 +85,8 @@ def make_loss_fn(graphdef, splits: int = 1) -> Callable:
     def loss_fn(params, batch, dropout_key, frozen=None):
         model = nnx.merge(graphdef, with_frozen(params, frozen))
         if splits == 1:
-            logits, _ = model(batch["inputs"], dropout_key=dropout_key)
-            total, count = cross_entropy(logits, batch["targets"], batch.get("weights"))
-            return total / count
+            total, count = cross_entropy(forward(model, batch, dropout_key), batch["targets"], batch.get("weights"))
+            return _mean(total, count)
         n, rest = divmod(batch["inputs"].shape[0], splits)
         if rest:
             raise ValueError(f"a batch of {batch['inputs'].shape[0]} sequences cannot be cut into {splits} "
@@ -81,10 +95,9 @@ def make_loss_fn(graphdef, splits: int = 1) -> Callable:
         for i in range(splits):
             part = jax.tree.map(lambda x: x[i * n:(i + 1) * n], batch)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            logits, _ = model(part["inputs"], dropout_key=key)
-            sums.append(cross_entropy(logits, part["targets"], part.get("weights")))
+            sums.append(cross_entropy(forward(model, part, key), part["targets"], part.get("weights")))
         total, count = (functools.reduce(jnp.add, parts) for parts in zip(*sums))
-        return total / count
+        return _mean(total, count)
     return loss_fn
 
 
@@ -146,6 +159,5 @@ def make_eval_step(graphdef) -> Callable:
     `weights` (0 for padding) so a whole split is averaged exactly."""
     def eval_step(params, batch, frozen=None):
         model = nnx.merge(graphdef, with_frozen(params, frozen))
-        logits, _ = model(batch["inputs"])
-        return cross_entropy(logits, batch["targets"], batch.get("weights"))
+        return cross_entropy(forward(model, batch), batch["targets"], batch.get("weights"))
     return jax.jit(eval_step)

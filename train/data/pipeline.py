@@ -9,6 +9,10 @@ iterators the trainer consumes.
     for batch in val_batches(data, cfg.data, batch_size=32):     # the whole validation split, once
         ...                      # + "weights": float32[B, L], 0 on padding
 
+Chat data (`data.source` chat_jsonl or stdlib_chat, train/data/sft.py): the splits are packed rows
+(`PackedRows`) and every batch also carries "positions", "segment_ids" (int32[B, L]) and "weights" (the
+loss mask: 1 on assistant tokens only); the same iterators and shuffling apply, over rows.
+
 Example order. Training example `g` (a global index: step * B + row) is the window at offset
 `perm_e[g mod N]` where `e = g // N`, N the number of windows and `perm_e` a permutation that Grain's
 index shuffle derives from (seed, epoch). Process p of P takes rows [p*B/P, (p+1)*B/P) of each global
@@ -28,7 +32,8 @@ from typing import Any, Iterator, Protocol
 import grain
 import numpy as np
 
-from train.config import ConfigError, DataConfig
+from train.config import CHAT_SOURCES, ConfigError, DataConfig
+from train.data import sft
 from train.data.sources import load_corpus
 from train.data.store import TokenStore, join
 from model.tokenizer import Tokenizer, tokenizer_from_json
@@ -73,8 +78,13 @@ class PreparedData:
 
 # ---- preparing the token stores ----------------------------------------------------------
 
-def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, progress: bool = True) -> PreparedData:
+def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, progress: bool = True, *,
+                 tokenizer: Tokenizer | None = None, chat_tokens: bool = True,
+                 max_bad_fraction: float = 0.1) -> PreparedData:
     """Load the corpus, build (or reuse) the tokenizer, and tokenize into train/val token stores.
+
+    `tokenizer`: the one to use (fine-tuning: the source model's, train/finetune.py) instead of
+    building one; `chat_tokens` and `max_bad_fraction` apply to chat data (`prepare_chat_data`).
 
     The stream is the documents joined with EOS (when the tokenizer has one); the first
     `1 - val_fraction` of it is train, the rest validation (nanoGPT's split). The tokenizer is saved
@@ -84,8 +94,11 @@ def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, progress: bool = T
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.source in CHAT_SOURCES:
+        return prepare_chat_data(cfg, run_dir, progress, tokenizer=tokenizer, chat_tokens=chat_tokens,
+                                 max_bad_fraction=max_bad_fraction)
     corpus = load_corpus(cfg)
-    tokenizer = _run_tokenizer(cfg, corpus.documents, run_dir / "tokenizer.json", progress)
+    tokenizer = _run_tokenizer(cfg, corpus.documents, run_dir / "tokenizer.json", progress, given=tokenizer)
 
     root = cfg.store or str(run_dir / "tokens")
     key = {
@@ -126,8 +139,47 @@ def prepare_data(cfg: DataConfig, run_dir: str | os.PathLike, progress: bool = T
     return PreparedData(tokenizer, train, val, corpus.fingerprint, stats)
 
 
-def _run_tokenizer(cfg: DataConfig, documents: list[str], path: Path, progress: bool) -> Tokenizer:
-    """The run's tokenizer: the one saved in the run directory, else a new one (then saved)."""
+def prepare_chat_data(cfg: DataConfig, run_dir: Path, progress: bool = True, *, tokenizer: Tokenizer | None = None,
+                      chat_tokens: bool = True, max_bad_fraction: float = 0.1) -> PreparedData:
+    """Conversations (train/data/sft.py) -> packed train/val rows with loss masks and segments. The
+    tokenizer is `tokenizer`, else one learned from the message contents; with `chat_tokens` the
+    ChatML control tokens are reserved unless the tokenizer carries its own (imported) template."""
+    from model.chat_template import CHAT_TOKENS
+
+    train_path, val_path = sft.chat_files(cfg.source, cfg.path, cfg.cache_dir, progress)
+    train = sft.read_chat_jsonl(train_path)
+    if val_path is None:
+        train, val = sft.split_tail(train, cfg.val_fraction)
+    else:
+        val = sft.read_chat_jsonl(val_path)
+
+    def build(documents):
+        tok = build_tokenizer(cfg, documents, progress=progress)
+        return tok.with_special_tokens(CHAT_TOKENS) if chat_tokens and not tok.chat_template else tok
+
+    if tokenizer is not None and chat_tokens and not tokenizer.chat_template:
+        tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
+    documents = sft.conversation_texts([train]) if tokenizer is None else []
+    tokenizer = _run_tokenizer(cfg, documents, run_dir / "tokenizer.json", progress, given=tokenizer, build=build)
+    train_rows, val_rows, stats = sft.encode_and_pack(tokenizer, train, val, cfg.seq_len, max_bad_fraction, progress)
+    files = [train_path] + ([val_path] if val_path is not None else [])
+    stats.update(source=f"{cfg.source} ({', '.join(map(str, files))})", tokenizer=tokenizer.kind,
+                 vocab_size=tokenizer.vocab_size)
+    return PreparedData(tokenizer, train_rows, val_rows, sft.fingerprint_files(files), stats)
+
+
+def _run_tokenizer(cfg: DataConfig, documents: list[str], path: Path, progress: bool,
+                   given: Tokenizer | None = None, build=None) -> Tokenizer:
+    """The run's tokenizer: the one saved in the run directory, else `given`, else a new one built
+    from `documents` (`build`, default `build_tokenizer`); then saved. A saved one that differs from
+    `given` (another fine-tuning source in the same run directory) is an error."""
+    if given is not None:
+        if path.is_file() and path.read_text() != given.to_json():
+            raise ConfigError(f"{path} differs from the tokenizer of finetune.init_from; use a new run directory "
+                              "to fine-tune from another model")
+        if not path.is_file():
+            _write_atomic(path, given.to_json())
+        return given
     if path.is_file():
         tokenizer = tokenizer_from_json(path.read_text())
         if tokenizer.kind != cfg.tokenizer:
@@ -136,11 +188,15 @@ def _run_tokenizer(cfg: DataConfig, documents: list[str], path: Path, progress: 
                 "use a new run directory to change the tokenizer"
             )
         return tokenizer
-    tokenizer = build_tokenizer(cfg, documents, progress=progress)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(tokenizer.to_json())
-    os.replace(tmp, path)  # atomic: a crash never leaves a truncated tokenizer.json to be reused
+    tokenizer = (build or (lambda docs: build_tokenizer(cfg, docs, progress=progress)))(documents)
+    _write_atomic(path, tokenizer.to_json())
     return tokenizer
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: a crash never leaves a truncated tokenizer.json to be reused
 
 
 # ---- training / periodic-eval iterators ------------------------------------------------
@@ -257,7 +313,11 @@ def _window_iterator(
         raise ConfigError(
             f"the global batch size {global_batch} must be a positive multiple of the process count {process_count}"
         )
-    source = TokenWindows(tokens, seq_len, stride)
+    if isinstance(tokens, sft.PackedRows):  # chat data: the examples are the packed rows themselves
+        source = tokens
+        with_weights = False  # rows carry their loss mask
+    else:
+        source = TokenWindows(tokens, seq_len, stride)
     if len(source) == 0:
         raise ConfigError(f"{len(tokens)} tokens are too few for one window of data.seq_len={seq_len} (+1) tokens")
     ds = grain.MapDataset.source(source).shuffle(seed=_seed32(seed, purpose)).repeat()  # infinite, per-epoch shuffle
@@ -321,6 +381,8 @@ def eval_sample_iterator(
 
 def num_val_batches(data: PreparedData, cfg: DataConfig, batch_size: int) -> int:
     """How many batches `val_batches` yields."""
+    if isinstance(data.val, sft.PackedRows):
+        return math.ceil(len(data.val) / batch_size)
     n_windows = math.ceil((len(data.val) - 1) / cfg.seq_len)
     return math.ceil(n_windows / batch_size)
 
@@ -335,6 +397,12 @@ def val_batches(
     Process p gets rows [p*B/P, (p+1)*B/P) of each global batch of `batch_size` windows."""
     if batch_size <= 0 or batch_size % process_count:
         raise ConfigError(f"the eval batch size {batch_size} must be a positive multiple of the process count {process_count}")
+    if isinstance(data.val, sft.PackedRows):  # every packed row once; the last batch padded with empty rows
+        local = batch_size // process_count
+        for b in range(num_val_batches(data, cfg, batch_size)):
+            rows = b * batch_size + process_index * local + np.arange(local)  # [Bl]
+            yield data.val.batch(np.where(rows < len(data.val), rows, -1))
+        return
     L = cfg.seq_len
     n = len(data.val)
     local = batch_size // process_count
