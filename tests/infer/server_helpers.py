@@ -69,17 +69,21 @@ def wait_healthy(base: str, timeout: float = 300.0, proc: subprocess.Popen | Non
 class InProcessServer:
     """create_app over one engine, served by uvicorn in a daemon thread on a free loopback port."""
 
-    def __init__(self, *, slots: int = 4, max_queue: int = 16, api_key: str | None = API_KEY, name: str = "tiny"):
+    def __init__(self, *, slots: int = 4, max_queue: int = 16, api_key: str | None = API_KEY, name: str = "tiny",
+                 model=None, tokenizer=None):
+        """Serves `model` (default: the tiny checkpoint's, loaded as `python -m infer serve` does)."""
         import uvicorn
 
         from infer.engine import Engine
         from infer.server.app import create_app
         from model.checkpoint import load_for_inference
 
-        loaded = load_for_inference(tiny_checkpoint())
-        self.tokenizer = loaded.tokenizer
-        self.model = loaded.model
-        self.engine = Engine(loaded.model, loaded.tokenizer, slots=slots, max_queue=max_queue, name=name)
+        if model is None:
+            loaded = load_for_inference(tiny_checkpoint())
+            model, tokenizer = loaded.model, loaded.tokenizer
+        self.tokenizer = tokenizer
+        self.model = model
+        self.engine = Engine(model, tokenizer, slots=slots, max_queue=max_queue, name=name)
         self.app = create_app([self.engine], api_key=api_key, request_timeout_s=120)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))

@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from infer.engine import SamplingOptions
-from tests.infer.server_helpers import (API_KEY, CONTEXT, ROOT, ServeProcess, auth, metric, shared_server,
-                                        tiny_checkpoint)
+from tests.infer.server_helpers import (API_KEY, CONTEXT, ROOT, InProcessServer, ServeProcess, auth, metric,
+                                        shared_server, tiny_checkpoint)
 
 LONG = CONTEXT - 24  # tokens of a generation that takes a while (about a second on 2 CPU cores)
 
@@ -236,6 +236,25 @@ def test_a_request_past_its_deadline_is_cancelled(srv):
     while metric(httpx.get(srv.base + "/metrics", headers=auth()).text, "jaxlm_requests_running", model="tiny"):
         assert time.monotonic() - t0 < 5
         time.sleep(0.01)
+
+
+def test_streamed_multibyte_text_has_no_split_characters():
+    """A model that writes multi-byte UTF-8 characters one byte per token (the engine tests' "cycle"
+    model): no delta holds U+FFFD and the deltas add up to the text of the same request unstreamed."""
+    from tests.infer.test_engine_batching import CYCLE, TOK, cycle_model
+
+    server = InProcessServer(model=cycle_model(), tokenizer=TOK, name="cycle", api_key=None)
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        n = 2 * len(CYCLE.encode())
+        for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+            whole = client.completions.create(model="cycle", prompt="é€", max_tokens=n, **kw).choices[0].text
+            deltas = [c.choices[0].text for c in client.completions.create(model="cycle", prompt="é€", max_tokens=n,
+                                                                          stream=True, **kw)]
+            assert whole == (CYCLE * 3)[2:2 + 2 * len(CYCLE)]
+            assert "".join(deltas) == whole and not any("\ufffd" in d for d in deltas)
+    finally:
+        server.stop()
 
 
 def test_non_loopback_bind_without_a_key_is_refused():
