@@ -170,3 +170,19 @@ def test_a_missing_base_is_one_clear_error(runs, tmp_path):
 def test_lora_without_a_base_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="finetune.lora_rank > 0 needs finetune.init_from"):
         train(config(tmp_path, "nobase", "train.steps=1", "finetune.lora_rank=2"))
+
+
+def test_resumed_lora_run_equals_uninterrupted(runs, tmp_path):
+    """A LoRA run stopped after 2 steps and resumed to 4 has the adapters of the 4-step run, bit for
+    bit: resuming reloads the base (it is not in the run's checkpoints) and restores the adapters."""
+    args = ("optim.decay_steps=4", f"finetune.init_from={runs['base']}", "finetune.lora_rank=4",
+            "finetune.lora_alpha=8", f"finetune.lora_targets={TARGETS}")
+    train(config(tmp_path, "resumed", "train.steps=2", *args))
+    trainer = Trainer(config(tmp_path, "resumed", "train.steps=4", *args))
+    try:
+        assert trainer.resume_step == 2
+        trainer.run()
+    finally:
+        trainer.close()
+    jax.tree.map(np.testing.assert_array_equal, trainer.state.params, runs["trainer"].state.params)
+    jax.tree.map(np.testing.assert_array_equal, trainer.state.frozen, runs["trainer"].state.frozen)
