@@ -268,12 +268,34 @@ def _lora_base_params(path, step: int, config: dict, like, sharding):
         raise FileNotFoundError(f"{path}: the LoRA run's base {base_dir} (finetune.init_from={init_from!r}) "
                                 "is not there; its checkpoint holds only the adapters")
     base = nnx.to_pure_dict(nnx.state(load_for_inference(base_dir, base_step, sharding).model))
+    base = _grow_vocab(base, like)
     want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), like)
     have = jax.tree.map(lambda x: (x.shape, str(x.dtype)), base)
     if want != have:
         raise ConfigError(f"{path}: the base {base_dir} (step {base_step}) no longer matches the LoRA run's "
                           "model section (parameter shapes differ)")
     return base
+
+
+# parameters with a vocabulary axis, and which axis it is (model/transformer.py)
+_VOCAB_AXES = {"embed": 0, "lm_head": 1}
+
+
+def _grow_vocab(base: dict, like) -> dict:
+    """`base` with the vocabulary axis of its embedding / output head grown to `like`'s, each new
+    row the mean of the trained ones: the rule train/finetune.grow_vocab applied to the LoRA run's
+    frozen base when its tokenizer added tokens (chat control tokens), repeated here because a LoRA
+    checkpoint saves only the adapters (tests/train/test_lora.py checks the two agree)."""
+    out = dict(base)
+    for name, axis in _VOCAB_AXES.items():
+        if base.get(name) is None or like.get(name) is None or base[name].shape[axis] >= like[name].shape[axis]:
+            continue
+        old = base[name]
+        reps = [1] * old.ndim
+        reps[axis] = like[name].shape[axis] - old.shape[axis]
+        mean = jnp.mean(old, axis=axis, keepdims=True)  # (1, D) or (D, 1)
+        out[name] = jnp.concatenate([old, jnp.tile(mean, reps)], axis=axis).astype(old.dtype)
+    return out
 
 
 # ---- writing a model-only checkpoint -----------------------------------------------------------
