@@ -44,6 +44,13 @@ def config(tmp: Path, name: str, *extra: str):
         "optim.warmup_steps=0", "optim.lr=1e-2", "checkpoint.every=0", f"run.dir={tmp / name}", *extra])
 
 
+def lora_args(base: Path) -> tuple[str, ...]:
+    """A LoRA run on `base` whose vocabulary grows by 7 rows (as chat control tokens make it grow):
+    those rows of the frozen base are the mean of the trained ones, and load_for_inference repeats that."""
+    return (f"finetune.init_from={base}", "finetune.lora_rank=4", "finetune.lora_alpha=8",
+            f"finetune.lora_targets={TARGETS}", "model.vocab_size=264")
+
+
 def checkpoint_params(run: Path):
     step, cfg, _ = read_checkpoint_meta(run)
     from model.config import model_config_from_dict
@@ -57,8 +64,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     base_summary = train(config(tmp, "base", "train.steps=4"))
     base_before = params_sha256(checkpoint_params(tmp / "base"))
-    trainer = Trainer(config(tmp, "lora", "train.steps=4", f"finetune.init_from={tmp / 'base'}",
-                             "finetune.lora_rank=4", "finetune.lora_alpha=8", f"finetune.lora_targets={TARGETS}"))
+    trainer = Trainer(config(tmp, "lora", "train.steps=4", *lora_args(tmp / "base")))
     initial = jax.tree.map(np.asarray, trainer.state.params)
     try:
         summary = trainer.run()
@@ -77,7 +83,10 @@ def adapted_logits(trainer, tokens=TOKENS):
 def test_base_parameters_are_bitwise_unchanged(runs):
     base_now = checkpoint_params(runs["base"])
     assert params_sha256(base_now) == runs["base_before"] == runs["base_summary"]["params_sha256"]
-    frozen = runs["trainer"].state.frozen  # the base inside the trained state
+    frozen = dict(runs["trainer"].state.frozen)  # the base inside the trained state
+    V = base_now["embed"].shape[0]
+    assert frozen["embed"].shape[0] == V + 7  # the grown rows (train/finetune.py) are not the base's
+    frozen["embed"], frozen["lm_head"] = frozen["embed"][:V], frozen["lm_head"][:, :V]
     assert params_sha256(frozen) == runs["base_before"]
     jax.tree.map(np.testing.assert_array_equal, frozen, base_now)
 
@@ -125,7 +134,7 @@ def test_load_for_inference_merges_base_and_adapters(runs):
     assert step == 4 and not nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))  # a plain model
     expected = adapted_logits(runs["trainer"])
     base_logits = np.asarray(load_for_inference(runs["base"]).model(jnp.asarray(TOKENS))[0])
-    assert np.abs(expected - base_logits).max() > 1e-3  # the adapters changed the function
+    assert np.abs(expected[..., :base_logits.shape[-1]] - base_logits).max() > 1e-3  # the adapters changed it
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))[0]), expected, atol=MERGED_ATOL, rtol=0)
 
 
@@ -175,8 +184,7 @@ def test_lora_without_a_base_is_a_config_error(tmp_path):
 def test_resumed_lora_run_equals_uninterrupted(runs, tmp_path):
     """A LoRA run stopped after 2 steps and resumed to 4 has the adapters of the 4-step run, bit for
     bit: resuming reloads the base (it is not in the run's checkpoints) and restores the adapters."""
-    args = ("optim.decay_steps=4", f"finetune.init_from={runs['base']}", "finetune.lora_rank=4",
-            "finetune.lora_alpha=8", f"finetune.lora_targets={TARGETS}")
+    args = ("optim.decay_steps=4", *lora_args(runs["base"]))
     train(config(tmp_path, "resumed", "train.steps=2", *args))
     trainer = Trainer(config(tmp_path, "resumed", "train.steps=4", *args))
     try:
@@ -186,3 +194,25 @@ def test_resumed_lora_run_equals_uninterrupted(runs, tmp_path):
         trainer.close()
     jax.tree.map(np.testing.assert_array_equal, trainer.state.params, runs["trainer"].state.params)
     jax.tree.map(np.testing.assert_array_equal, trainer.state.frozen, runs["trainer"].state.frozen)
+
+
+def test_grown_vocabulary_rule_matches_fine_tuning():
+    """load_for_inference regrows a LoRA run's base vocabulary (model/checkpoint.py) with the rule
+    fine-tuning used (train/finetune.grow_vocab): the two must agree."""
+    from model.checkpoint import _grow_vocab
+    from train.finetune import grow_vocab
+
+    rng = np.random.default_rng(0)
+    base = {"embed": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32),
+            "lm_head": jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)}
+    like = {"embed": jax.ShapeDtypeStruct((13, 4), jnp.float32), "lm_head": jax.ShapeDtypeStruct((4, 13), jnp.float32)}
+    grown = _grow_vocab(base, like)
+    for name in base:
+        np.testing.assert_array_equal(grown[name], grow_vocab(name, base[name], 13))
+
+
+def test_sample_cli_on_a_lora_run(runs, capsys):
+    """python -m infer sample takes a LoRA run directory like any other (base + adapters, merged)."""
+    assert infer_main(["sample", "--run", str(runs["run"]), "--prompt", "alpha", "--max-new-tokens", "4",
+                       "--temperature", "0"]) == 0
+    assert "alpha" in capsys.readouterr().out
