@@ -40,6 +40,7 @@ from train.run_files import params_sha256, write_json, write_manifest
 from train.step import init_train_state, make_eval_step, make_train_step
 from train import finetune
 from train import lora as train_lora
+from train.timeline import Timeline, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,16 @@ class Trainer:
     """Holds what one run needs; `run()` trains to `cfg.train.steps`. Split from `train()` so tests
     and notebooks can drive the pieces."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, timeline: Timeline | None = None):
+        # where the time goes (timeline.json): `python -m train` passes the process's own, which
+        # starts at the process's start; otherwise it starts now
+        self.timeline = timeline or Timeline(start=time.time())
+        self.timeline.listen_to_jax()
+        self.timeline.mark("other")
+        with self.timeline.phase("setup"):
+            self._init(cfg)
+
+    def _init(self, cfg: ExperimentConfig) -> None:
         try:
             initialize_distributed(cfg.mesh)  # multi-host: before any other JAX call
         except ShardingError as e:
@@ -106,10 +116,11 @@ class Trainer:
 
     def _set_up(self, cfg: ExperimentConfig) -> None:
         """Data, config, model, optimizer, steps and iterator; restored from the checkpoint when resuming."""
-        # fine-tuning (finetune.init_from): the source's tokenizer encodes the data (train/finetune.py)
-        self.source = finetune.load_source(cfg.finetune) if cfg.finetune.init_from else None
-        self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress,
-                                          **finetune.data_options(cfg, self.source))
+        with self.timeline.phase("data"):
+            # fine-tuning (finetune.init_from): the source's tokenizer encodes the data (train/finetune.py)
+            self.source = finetune.load_source(cfg.finetune) if cfg.finetune.init_from else None
+            self.data = data_lib.prepare_data(cfg.data, self.run_dir, progress=cfg.train.progress,
+                                              **finetune.data_options(cfg, self.source))
         cfg = resolve_vocab(finetune.finetune_config(cfg, self.source, self.data.tokenizer), self.data.tokenizer)
         if self.resume_step is not None:
             _, saved_cfg, _ = read_checkpoint_meta(self.run_dir, self.resume_step)
@@ -121,7 +132,7 @@ class Trainer:
                            data_stats=self.data.stats, resumed_from=self.resume_step)
 
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "seq"), self.rules))
-        with self.mesh_context():
+        with self.timeline.phase("model init"), self.mesh_context():
             try:  # validates every parameter's sharding before the initializer compiles
                 model = build_model(cfg.model, seed=cfg.train.seed, mesh=self.mesh, rules=self.rules)
             except ShardingError as e:
@@ -133,8 +144,8 @@ class Trainer:
             else:
                 self.graphdef, self.state = init_train_state(model, self.tx, cfg.train.seed)
         if self.source is not None and self.resume_step is None and self.state.frozen is None:
-            # step 0 of a fine-tuning run: the source's parameters
-            self.state = finetune.init_state_from(self.state, self.source)
+            with self.timeline.phase("restore"):  # step 0 of a fine-tuning run: the source's parameters
+                self.state = finetune.init_state_from(self.state, self.source)
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.train_step = make_train_step(self.graphdef, self.tx, self.lr_schedule, cfg.optim.grad_accum,
                                           dropout=cfg.model.dropout > 0,
@@ -148,9 +159,10 @@ class Trainer:
         self.train_iter = data_lib.make_train_iterator(self.data, cfg.data, cfg.train.batch_size, cfg.train.seed,
                                                        **self.process)
         if self.resume_step is not None:
-            self.state, data_state = self.checkpointer.restore(self.resume_step, self.state)
-            self.train_iter.set_state(data_state)
-            self.guard.load_state_dict(self.checkpointer.restore_guard(self.resume_step))
+            with self.timeline.phase("restore"):
+                self.state, data_state = self.checkpointer.restore(self.resume_step, self.state)
+                self.train_iter.set_state(data_state)
+                self.guard.load_state_dict(self.checkpointer.restore_guard(self.resume_step))
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
 
 
@@ -188,13 +200,16 @@ class Trainer:
                 for k, v in local_batch.items()}
 
     def evaluate(self, batches, total: int | None = None, desc: str = "eval") -> float:
-        """Exact token-weighted mean loss over `batches`."""
-        loss_sum, count = 0.0, 0.0
+        """Exact token-weighted mean loss over `batches`. Every batch is dispatched before any
+        result is read, so the host prepares batch k+1 while the device computes batch k; the sums
+        are then taken in batch order in float64, as one batch at a time would."""
         show = self.cfg.train.progress and self.is_main
         with self.mesh_context():
-            for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not show):
-                s, n = self.eval_step(self.state.params, self.to_global(batch), self.state.frozen)
-                loss_sum, count = loss_sum + float(s), count + float(n)
+            parts = [self.eval_step(self.state.params, self.to_global(batch), self.state.frozen)
+                     for batch in tqdm(batches, total=total, desc=desc, leave=False, disable=not show)]
+        loss_sum, count = 0.0, 0.0
+        for s, n in jax.device_get(parts):
+            loss_sum, count = loss_sum + float(s), count + float(n)
         return loss_sum / max(count, 1.0)
 
     def save(self, step: int, data_state: dict) -> None:
@@ -208,7 +223,9 @@ class Trainer:
         start = int(self.state.step)
         tokens_per_step = tc.batch_size * cfg.data.seq_len
         flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * tokens_per_step
-        peak, peak_source = peak_flops()
+        tl = self.timeline
+        with tl.phase("peak FLOP/s"):
+            peak, peak_source = peak_flops()
         log.info("peak FLOP/s %.3g (%s)", peak, peak_source)
         if jax.default_backend() == "cpu":
             from sharding.host_memory import keep_freed_host_memory
@@ -222,12 +239,13 @@ class Trainer:
         self.watch.install()
 
         if self.source is not None and start == 0:  # the source model on this data: "before fine-tuning"
-            self.init_val_loss = self.evaluate(
-                data_lib.val_batches(self.data, cfg.data, tc.batch_size, **self.process),
-                total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size), desc="eval before fine-tuning")
+            with tl.phase("evals"):
+                self.init_val_loss = self.evaluate(
+                    data_lib.val_batches(self.data, cfg.data, tc.batch_size, **self.process),
+                    total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size), desc="eval before fine-tuning")
             self.metrics.write(0, {"val_loss": self.init_val_loss})
             log.info("validation loss before fine-tuning (whole split): %.4f", self.init_val_loss)
-        with self.mesh_context():
+        with tl.phase("steps"), self.mesh_context():  # the first step is its own phase, "compile"
             if start < tc.steps:
                 batch = self.to_global(next(self.train_iter))
                 data_state = self.train_iter.get_state()  # the iterator's state after `batch` was drawn
@@ -243,6 +261,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if compile_time is None:
                     compile_time = dt
+                    tl.mark("compile")
                 else:
                     step_times.append(dt)
                 done = step + 1
@@ -252,26 +271,37 @@ class Trainer:
                     record.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                                   mfu=flops_per_step / dt / peak)
                     if tc.eval_every and done % tc.eval_every == 0:
-                        record["val_loss"] = self.evaluate(itertools.islice(
-                            data_lib.eval_sample_iterator(self.data, cfg.data, tc.batch_size, seed=tc.seed,
-                                                          **self.process), tc.eval_batches),
-                            total=tc.eval_batches, desc="val estimate")
+                        with tl.phase("evals"):
+                            record["val_loss"] = self.evaluate(itertools.islice(
+                                data_lib.eval_sample_iterator(self.data, cfg.data, tc.batch_size, seed=tc.seed,
+                                                              **self.process), tc.eval_batches),
+                                total=tc.eval_batches, desc="val estimate")
                     self.metrics.write(done, record)
                     pbar.set_postfix(loss=f"{record['loss']:.4f}", **(
                         {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}))
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < tc.steps:
-                    self.save(done, consumed_state)
+                    with tl.phase("checkpoint saves"):
+                        self.save(done, consumed_state)
                 if done < tc.steps and self.watch.should_stop(done):
                     return self.stop_for_preemption(done, consumed_state, pbar)
         pbar.close()
         train_time = time.perf_counter() - t_start
 
-        final_loss = self.evaluate(data_lib.val_batches(self.data, cfg.data, tc.batch_size, **self.process),
-                                   total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size),
-                                   desc="final eval (whole validation split)")
+        # The final checkpoint is written in the background while the final evaluation and the
+        # samples run (nothing changes the state any more); then wait for it.
         if start < tc.steps:
-            self.save(tc.steps, consumed_state)
-        self.checkpointer.wait()
+            with tl.phase("checkpoint saves"):
+                self.save(tc.steps, consumed_state)
+        with tl.phase("final eval"):
+            final_loss = self.evaluate(data_lib.val_batches(self.data, cfg.data, tc.batch_size, **self.process),
+                                       total=data_lib.num_val_batches(self.data, cfg.data, tc.batch_size),
+                                       desc="final eval (whole validation split)")
+        if self.is_main and tc.sample_tokens:
+            with tl.phase("samples"):
+                self.write_samples()
+        with tl.phase("checkpoint wait"):
+            self.checkpointer.wait()
+        tl.mark("summary")
         median = statistics.median(step_times) if step_times else float("nan")
         summary = {
             "step": tc.steps,
@@ -288,13 +318,13 @@ class Trainer:
             "params_sha256": params_sha256(self.state.params),
             "nonfinite_steps": self.guard.nonfinite_total,
             "spike_steps": self.guard.spikes_total,
+            "peak_rss_bytes": peak_rss_bytes(),  # so far; timeline.json has the whole command's
             "init_val_loss": getattr(self, "init_val_loss", None),  # fine-tuning: val_loss at step 0
         }
         if self.is_main:
             self.metrics.write(tc.steps, {"val_loss": final_loss, "final": True})
-            if tc.sample_tokens:
-                self.write_samples()
             write_json(self.run_dir / "summary.json", summary)
+        tl.mark("summary")
         return summary
 
     def checkpoint_name(self, step: int | None) -> str:
@@ -334,13 +364,16 @@ class Trainer:
         self.metrics.close()
 
 
-def train(cfg: ExperimentConfig) -> dict:
-    """Train (or resume) the experiment `cfg` and return its summary (also in summary.json)."""
-    trainer = Trainer(cfg)
+def train(cfg: ExperimentConfig, timeline: Timeline | None = None) -> dict:
+    """Train (or resume) the experiment `cfg` and return its summary (also in summary.json); where
+    the time went is in <run>/timeline.json (`timeline`: the process's, from `python -m train`)."""
+    trainer = Trainer(cfg, timeline)
     try:
         summary = trainer.run()
     finally:
         trainer.close()
+    if trainer.is_main:
+        trainer.timeline.finish(cfg.run.path, "close")
     if summary.get("preempted"):  # the checkpoint is written and closed: the process may exit now
         summary["signal_to_exit_s"] = trainer.watch.seconds_since_signal()
     return summary
