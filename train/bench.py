@@ -3,6 +3,7 @@
     python -m train.bench                          # shakespeare_char_cpu model + the larger shakespeare_char model
     python -m train.bench --models small --steps 200
     python -m train.bench --models large --batch-large 8
+    python -m train.bench --end-to-end data.path=tinyshakespeare.txt   # the whole command, see below
 
 For each model it prints the median time of a full training step (forward, loss, backward,
 gradient clipping, AdamW) over `--steps` steps after warm-up, tokens/s, the forward and the
@@ -30,6 +31,17 @@ and so reported ratios against a baseline twice slower than torch can run (see
 experiments/results.md, issue 7). On a machine shared with other work, spinning threads compete
 for cores: there, set OMP_WAIT_POLICY=PASSIVE yourself and say so with the figures. Without torch
 installed the PyTorch columns are skipped with a note (`pip install jaxlm[bench]`).
+
+`--end-to-end` times the whole shakespeare_char_cpu recipe as a user runs it (`python -m train
+<recipe> <overrides>` in a fresh process, imports, data, compile, evaluation, checkpoints, samples
+and exit included) against train/torch_e2e.py, an eager PyTorch script that does what nanoGPT's
+train.py does for the recipe (same model, data, schedule, evaluation and checkpoint cadence), also
+in a fresh process. The two alternate (`--repeats` runs each: jaxlm, PyTorch, jaxlm, ...); the
+table gives the medians of wall time (process start to exit) and peak resident set (the child's
+rusage), the val loss each reached, jaxlm's XLA compile time per run (0 once the persistent
+compilation cache holds the recipe, train/compile_cache.py) and the ratios. Overrides go to both
+commands. On a loaded machine pass OMP_WAIT_POLICY=PASSIVE (inherited by both; see below): torch's
+spinning OpenMP threads made its steps 40x slower at a load of 15 on 2 cores.
 
 This process turns on sharding/host_memory.py (as `python -m train` does) before JAX starts, and the
 header says so: without it every jaxlm step page-faults in its temporaries afresh. The PyTorch
@@ -323,9 +335,156 @@ def torch_worker_peak(threads: int) -> tuple[float, str]:
         worker.close()
 
 
+# ---- the whole command: python -m train.bench --end-to-end ---------------------------------
+
+E2E_RECIPE = REPO / "experiments" / "shakespeare_char_cpu.yaml"
+MODEL_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "norm_eps", "init_std", "norm",
+                "positions", "mlp", "bias", "tie_embeddings", "ff_dim", "head_dim", "kv_heads")
+
+
+def torch_e2e_spec(cfg, out_dir: Path) -> dict:
+    """What train/torch_e2e.py needs of a resolved jaxlm experiment config: a character-level
+    recipe on one text file (nanoGPT's shakespeare_char); anything else is a ValueError."""
+    from train.data import sources
+
+    d = cfg.data
+    if d.tokenizer != "char" or d.source not in ("tinyshakespeare", "files"):
+        raise ValueError(f"--end-to-end compares character-level recipes on one text file (nanoGPT's "
+                         f"shakespeare_char); this one has data.source={d.source!r}, data.tokenizer={d.tokenizer!r}")
+    if d.source == "files":
+        path = Path(os.path.expanduser(d.path))
+        if not path.is_file():
+            raise ValueError(f"--end-to-end needs data.path to be one text file, not {d.path!r}")
+    elif d.path:
+        path = Path(os.path.expanduser(d.path))
+    else:
+        path = sources.download(sources.TINYSHAKESPEARE_URL, d.cache_dir, sources.TINYSHAKESPEARE_SHA256)
+    t, o = cfg.train, cfg.optim
+    return {
+        "model": {k: getattr(cfg.model, k) for k in MODEL_FIELDS},
+        "optim": {"lr": o.lr, "min_lr": o.min_lr, "warmup_steps": o.warmup_steps,
+                  "decay_steps": o.decay_steps or t.steps, "beta1": o.beta1, "beta2": o.beta2,
+                  "weight_decay": o.weight_decay, "eps": o.eps, "clip_norm": o.clip_norm},
+        "train": {k: getattr(t, k) for k in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
+                                              "sample_tokens", "sample_prompt", "seed")},
+        "data": {"path": str(path), "seq_len": d.seq_len, "val_fraction": d.val_fraction},
+        "checkpoint_every": cfg.checkpoint.every,
+        "out_dir": str(out_dir),
+    }
+
+
+def run_command(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run `cmd` in a fresh process; its wall time (start to exit), peak resident set (from
+    wait4's rusage of that child) and exit status. Output goes to `log`."""
+    import subprocess
+
+    with log.open("w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6, "rc": proc.returncode,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def end_to_end(recipe: Path, overrides: list[str], repeats: int, work: Path) -> dict:
+    """Time the whole jaxlm command and the PyTorch script (train/torch_e2e.py), each in a fresh
+    process, alternating (jaxlm, PyTorch, jaxlm, ...) `repeats` times; returns both lists of runs."""
+    import json
+
+    from train.config import load_config
+
+    cfg = load_config(recipe, overrides)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = {"jaxlm": [], "PyTorch": []}
+    for i in range(repeats):
+        jdir, tdir = work / f"jaxlm_{i}", work / f"torch_{i}"
+        spec = torch_e2e_spec(cfg, tdir)
+        spec_path = work / f"torch_{i}.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        commands = {
+            "jaxlm": [sys.executable, "-m", "train", str(recipe), *overrides, f"run.dir={jdir}", "train.progress=false"],
+            "PyTorch": [sys.executable, "-m", "train.torch_e2e", str(spec_path)],
+        }
+        for name, out in (("jaxlm", jdir), ("PyTorch", tdir)):
+            r = run_command(commands[name], work / f"{name}_{i}.log")
+            if r["rc"] != 0:
+                tail = (work / f"{name}_{i}.log").read_text()[-2000:]
+                raise RuntimeError(f"the {name} command exited with {r['rc']}: {' '.join(commands[name])}\n{tail}")
+            summary = json.loads((out / "summary.json").read_text())
+            r["val_loss"] = summary["val_loss"]
+            r["command"] = commands[name]
+            if name == "jaxlm":
+                timeline = json.loads((out / "timeline.json").read_text())
+                r["compile_s"] = timeline["compile_s"]
+                r["params_sha256"] = summary["params_sha256"]
+                r["timeline"] = timeline
+            runs[name].append(r)
+            print(f"  {name} run {i + 1}/{repeats}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                  f"val loss {r['val_loss']:.6f}, load {os.getloadavg()[0]:.1f}", flush=True)
+    return runs
+
+
+def end_to_end_table(runs: dict) -> str:
+    """The --end-to-end table (markdown): medians, every run, and the ratios."""
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "peak_rss_mb", "val_loss", "cpu_s")}
+           for k, v in runs.items()}
+    lines = ["| command | wall s (median) | wall s (each) | peak RSS MB (median) | CPU s | val loss (whole split) "
+             "| XLA compile s | PyTorch/jaxlm wall | jaxlm/PyTorch RSS |", "|" + " --- |" * 9]
+    for k, v in runs.items():
+        compile_s = " / ".join(f"{r['compile_s']:.1f}" for r in v) if k == "jaxlm" else "eager"
+        ratios = (f"**{med['PyTorch']['wall_s'] / med['jaxlm']['wall_s']:.2f}x** | "
+                  f"**{med['jaxlm']['peak_rss_mb'] / med['PyTorch']['peak_rss_mb']:.2f}x**") if k == "jaxlm" else " | "
+        walls = " / ".join(f"{r['wall_s']:.1f}" for r in v)
+        losses = " / ".join(f"{r['val_loss']:.6f}" for r in v)
+        lines.append(f"| {k} | {med[k]['wall_s']:.1f} | {walls} | {med[k]['peak_rss_mb']:.0f} | {med[k]['cpu_s']:.0f} | "
+                     f"{losses} | {compile_s} | {ratios} |")
+    return "\n".join(lines)
+
+
+def main_end_to_end(args) -> int:
+    """`--end-to-end`: see end_to_end; prints the machine, versions, every run and the table."""
+    import importlib.metadata
+    import tempfile
+
+    if importlib.util.find_spec("torch") is None:
+        print("python -m train.bench: error: --end-to-end needs torch (pip install 'jaxlm[bench]')", file=sys.stderr)
+        return 2
+    from train.config import ConfigError
+
+    versions = {n: importlib.metadata.version(n) for n in ("jax", "jaxlib", "flax", "torch")}
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="jaxlm_e2e_"))
+    print(f"machine: {machine_line()}")
+    print(f"versions: python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"environment: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (torch default)')}, "
+          f"JAXLM_COMPILE_CACHE={os.environ.get('JAXLM_COMPILE_CACHE', 'unset (on)')}, "
+          f"JAXLM_KEEP_HOST_MEMORY={os.environ.get('JAXLM_KEEP_HOST_MEMORY', 'unset (on)')}")
+    print(f"recipe: {args.recipe} {' '.join(args.overrides)}; {args.repeats} runs each, alternating, "
+          f"each in a fresh process; runs in {work}", flush=True)
+    try:
+        runs = end_to_end(Path(args.recipe), args.overrides, args.repeats, work)
+    except (ConfigError, ValueError) as e:
+        print(f"python -m train.bench: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(end_to_end_table(runs))
+    sha = {r["params_sha256"] for r in runs["jaxlm"]}
+    print(f"\njaxlm params_sha256: {', '.join(sorted(sha))}")
+    print(f"commands: {' '.join(runs['jaxlm'][0]['command'])}\n          {' '.join(runs['PyTorch'][0]['command'])}")
+    print(f"load average after: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time the whole recipe command against train/torch_e2e.py (each in a fresh process)")
+    parser.add_argument("--recipe", default=str(E2E_RECIPE), help="--end-to-end: the recipe (default shakespeare_char_cpu)")
+    parser.add_argument("--repeats", type=int, default=2, help="--end-to-end: runs of each command (default 2)")
+    parser.add_argument("--work-dir", default="", help="--end-to-end: where the runs go (default a new temp dir)")
+    parser.add_argument("overrides", nargs="*", help="--end-to-end: section.key=value for both commands")
     parser.add_argument("--models", default="small,large", help="comma-separated: small, large (default both)")
     parser.add_argument("--steps", type=int, default=100, help="timed train steps per framework (default 100)")
     parser.add_argument("--block", type=int, default=5, help="steps per interleaved block (default 5)")
@@ -333,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch size of the large model (default 4; its recipe's 64 takes ~15 s a step on 2 cores)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     args = parser.parse_args(argv)
+    if args.end_to_end:
+        if args.repeats < 1:
+            parser.exit(2, "python -m train.bench: error: --repeats must be >= 1\n")
+        return main_end_to_end(args)
+    if args.overrides:
+        parser.exit(2, "python -m train.bench: error: overrides are for --end-to-end only\n")
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     bad = [k for k in keys if k not in RECIPES]
     if bad or not keys:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: train.torch_e2e runs this model without importing jax (model/ does)
+    from model.config import ModelConfig
 
 
 def check_supported(cfg: ModelConfig) -> None:

@@ -105,3 +105,38 @@ def test_decode_bench_runs_torch_in_a_worker_and_both_produce_the_same_tokens(ca
     jax_row = [c.strip() for c in rows[0].split("|")]
     assert jax_row[-2] == "100%"  # same greedy tokens from both frameworks
     assert float(jax_row[5]) > 0 and jax_row[9].endswith("x")  # generate ms, PyTorch/jaxlm ratio
+
+
+def test_end_to_end_runs_both_commands_in_fresh_processes_and_prints_the_table(tmp_path, capsys, monkeypatch):
+    """`--end-to-end` at a tiny size: both commands run to completion, each in its own process, and
+    the table has both rows with wall time, peak RSS, val loss and the ratios."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the commands as a user runs them: one CPU device
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "return", "self", "value", "(", ")", ":"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(rng.choice(words, size=8)) + "\n" for _ in range(200)))
+    overrides = [
+        "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=32", "model.attention=xla",
+        "model.matmul=xla", "model.norm_impl=xla", "data.source=files", f"data.path={corpus}", "data.seq_len=32",
+        "train.batch_size=4", "train.batch_splits=1", "train.steps=4", "train.log_every=2", "train.eval_every=2",
+        "train.eval_batches=1", "train.sample_tokens=4", "train.sample_prompt=alpha", "checkpoint.every=2",
+    ]
+    work = tmp_path / "e2e"
+    assert bench.main(["--end-to-end", "--repeats", "1", "--work-dir", str(work), *overrides]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| jaxlm") or line.startswith("| PyTorch")}
+    assert set(rows) == {"jaxlm", "PyTorch"}
+    for cells in rows.values():
+        assert float(cells[0]) > 0 and float(cells[2]) > 50  # wall s, peak RSS MB (a Python process with its framework)
+        assert 0 < float(cells[4]) < 10  # val loss over the whole split
+    assert rows["jaxlm"][6].endswith("x**") and rows["jaxlm"][7].endswith("x**")  # both ratios
+    assert (work / "torch_0" / "ckpt.pt").is_file() and (work / "torch_0" / "samples.txt").is_file()
+    assert (work / "jaxlm_0" / "timeline.json").is_file()
+    assert "jaxlm params_sha256: " in out and "machine: " in out and "torch " in out
+
+
+def test_end_to_end_refuses_a_recipe_it_cannot_compare(capsys):
+    assert bench.main(["--end-to-end", "--repeats", "1", "--recipe", str(bench.REPO / "experiments" / "quickstart.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "character-level recipes" in err[0]
