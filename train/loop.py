@@ -227,10 +227,12 @@ class Trainer:
         with tl.phase("peak FLOP/s"):
             peak, peak_source = peak_flops()
         log.info("peak FLOP/s %.3g (%s)", peak, peak_source)
+        heap_watch = None
         if jax.default_backend() == "cpu":
-            from sharding.host_memory import keep_freed_host_memory
+            from sharding.host_memory import HeapWatch, keep_freed_host_memory
 
             log.info("keep freed host memory (sharding/host_memory.py): %s", keep_freed_host_memory())
+            heap_watch = HeapWatch()  # the heap's rare growth does not pile onto its holes
         step_times, compile_time = [], None
         t_start = time.perf_counter()
         pbar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (tc.progress and self.is_main),
@@ -257,6 +259,8 @@ class Trainer:
                     batch = self.to_global(next(self.train_iter))
                     data_state = self.train_iter.get_state()
                 metrics = jax.device_get(metrics)
+                if heap_watch is not None:
+                    heap_watch()
                 self.guard.observe(step + 1, metrics, self.checkpoint_name(self.last_saved))
                 dt = time.perf_counter() - t0
                 if compile_time is None:
@@ -286,6 +290,8 @@ class Trainer:
                     return self.stop_for_preemption(done, consumed_state, pbar)
         pbar.close()
         train_time = time.perf_counter() - t_start
+        if heap_watch is not None:
+            heap_watch.trim()  # the steps' holes, before evaluation and sampling allocate their own
 
         # The final checkpoint is written in the background while the final evaluation and the
         # samples run (nothing changes the state any more); then wait for it.

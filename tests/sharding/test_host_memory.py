@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from train import host_memory
+from sharding import host_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +90,36 @@ def test_benchmark_reports_a_bad_setting_in_one_line():
     assert out.returncode == 2
     assert out.stderr.strip() == ("python -m train.bench: error: JAXLM_KEEP_HOST_MEMORY='maybe': use 1 (keep freed "
                                   "host memory, the default) or 0 (glibc's defaults)")
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="mallinfo2/malloc_trim are glibc's")
+def test_heap_watch_gives_back_the_holes_when_the_heap_grows():
+    """With the policy on, a freed 64 MB block stays resident in the heap; HeapWatch trims it away
+    on its first call and again after the heap grew, and leaves a steady heap alone."""
+    script = r"""
+import ctypes, json, sys
+sys.path.insert(0, sys.argv[1])
+from sharding.host_memory import HeapWatch, keep_freed_host_memory
+from train.timeline import rss_bytes
+keep_freed_host_memory()
+libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+watch = HeapWatch()
+keep = libc.malloc(1 << 20)                      # something live below the big block
+big = libc.malloc(64 << 20); ctypes.memset(big, 1, 64 << 20)
+guard = libc.malloc(1 << 20)                     # live above it: the freed block is a hole, not the top
+libc.free(big)
+before = rss_bytes()
+first = watch()                                  # first call: trims
+after = rss_bytes()
+steady = watch()                                 # nothing grew: no trim
+big2 = libc.malloc(128 << 20); ctypes.memset(big2, 1, 128 << 20); libc.free(big2)  # the heap grows
+grown = watch()
+print(json.dumps({"first": first, "steady": steady, "grown": grown, "released_mb": (before - after) / 2**20,
+                  "trims": watch.trims}))
+"""
+    env = {**os.environ, host_memory.ENV: "1", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["first"] and not r["steady"] and r["grown"] and r["trims"] == 2
+    assert r["released_mb"] > 50, r  # the 64 MB hole went back to the OS
