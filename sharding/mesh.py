@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import types
 
 import jax
 import numpy as np
@@ -84,6 +85,33 @@ def device_grid(mesh_cfg, devices: list) -> np.ndarray:
         return mesh_utils.create_device_mesh(ici_shape, devices=devices)
     except Exception:  # CPU / unusual topologies: plain reshape keeps each process's devices together
         return np.asarray(devices).reshape(ici_shape)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """A `--mesh` value, 'fsdp=2,tensor=4' -> {'data': 1, 'fsdp': 2, 'tensor': 4, 'sequence': 1,
+    'stage': 1} (axes not named are 1; '' is one device). ShardingError naming a bad item."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+            raise ShardingError(f"--mesh item {item!r} must be AXIS=N with N >= 1 and AXIS one of "
+                                f"{', '.join(MESH_AXES)}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def mesh_from_sizes(sizes: dict[str, int], devices=None) -> Mesh:
+    """A mesh of the given axis sizes ({axis: n}, missing axes 1) over the first prod(sizes)
+    devices (or `devices`): what the inference commands build from `--mesh`, without an
+    experiment config. ShardingError when there are not enough devices."""
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    n = math.prod(sizes.values())
+    available = list(devices if devices is not None else jax.devices())
+    if n > len(available):
+        named = ",".join(f"{a}={s}" for a, s in sizes.items() if s > 1)
+        raise ShardingError(f"mesh {named} needs {n} devices but {len(available)} are visible")
+    return make_mesh(types.SimpleNamespace(**sizes), available[:n])
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

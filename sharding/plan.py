@@ -24,6 +24,8 @@ import dataclasses
 import math
 import sys
 
+from sharding.mesh import parse_mesh  # noqa: F401  (the `--mesh` syntax, shared with `python -m infer`)
+
 ACCELERATOR_GIB = {  # memory per chip / GPU
     "TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "H100": 80, "A100": 80,
 }
@@ -76,19 +78,6 @@ def memory_plan(cfg, mesh_shape: dict[str, int]) -> dict[str, float]:
     total = 2 * params + optimizer + activations  # parameters, their gradients, optimizer state, activations
     return {"params": params, "gradients": params, "optimizer": optimizer, "activations": activations,
             "total": total}
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=2,tensor=4' -> {'data': 1, 'fsdp': 2, 'tensor': 4, 'sequence': 1, 'stage': 1}."""
-    from sharding.rules import MESH_AXES, ShardingError
-
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
-            raise ShardingError(f"--mesh item {item!r} must be AXIS=N with N >= 1 and AXIS one of {', '.join(MESH_AXES)}")
-        sizes[name] = int(value)
-    return sizes
 
 
 def serving_plan(m, mesh_shape: dict[str, int], rules, *, dtype: str, slots: int, context: int) -> dict[str, float]:
