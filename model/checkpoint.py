@@ -211,11 +211,16 @@ class LoadedModel(NamedTuple):
     step: int
 
 
-def load_for_inference(path: str | Path, step: int | None = None, sharding: jax.sharding.Sharding | None = None
-                       ) -> LoadedModel:
+def load_for_inference(path: str | Path, step: int | None = None, sharding: jax.sharding.Sharding | None = None,
+                       *, mesh: jax.sharding.Mesh | None = None, rules=None) -> LoadedModel:
     """Rebuild the model and its tokenizer from a checkpoint alone (no other file is read), onto
     `sharding` (default: the first device). Kernels chosen for training change no parameter;
-    the model comes back with the jnp implementations, which every device and the KV cache run."""
+    the model comes back with the jnp implementations, which every device and the KV cache run.
+
+    With `mesh` and logical-axis `rules` (sharding/rules.py) the parameters are split over the mesh
+    as training splits them, whatever mesh wrote the checkpoint: each is restored straight onto its
+    own NamedSharding, so each device reads only its shards and no host holds the whole model. A
+    parameter the mesh cannot split is a ShardingError naming it, before any parameter is read."""
     from flax import nnx
 
     from model.config import model_config_from_dict
@@ -227,21 +232,44 @@ def load_for_inference(path: str | Path, step: int | None = None, sharding: jax.
     step, config, tokenizer_json = read_checkpoint_meta(path, step)
     model_section = {**config.get("model", {}), "attention": "xla", "matmul": "xla", "norm_impl": "xla"}
     cfg = model_config_from_dict(model_section).validate()
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     graphdef, abstract = abstract_model(cfg)
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), nnx.to_pure_dict(abstract))
+    like = _restore_targets(abstract, sharding, mesh, rules)
+    if mesh is not None:  # small trees restored whole (LoRA adapters): replicated over the mesh
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     settings = lora.lora_settings(config)
     if settings is None:
         params = restore_params(path, step, like)
     else:  # a LoRA run's checkpoint holds only adapters: its base + the adapters, folded into the weights
         rank, alpha, targets = settings
-        base = _lora_base_params(path, step, config, like, sharding)
+        base = _lora_base_params(path, step, config, like, sharding, mesh=mesh, rules=rules)
         adapters = restore_params(path, step, lora.abstract_adapters(cfg, rank, targets, sharding))
         params = lora.merge_adapters(base, adapters, lora.scale_of(rank, alpha))
+        if mesh is not None:  # the folded weights on the base's own shardings
+            params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
     return LoadedModel(config, nnx.merge(graphdef, params), tokenizer_from_json(tokenizer_json), step)
 
 
-def _lora_base_params(path, step: int, config: dict, like, sharding):
+def _restore_targets(abstract, sharding, mesh, rules) -> dict:
+    """The parameters (pure dict) as ShapeDtypeStructs to restore onto: every one on `sharding`
+    (default: the first device), or each on the NamedSharding its logical axes give over `mesh`."""
+    from flax import nnx
+
+    from model.transformer import state_shardings
+    from sharding.rules import validate_state
+
+    shapes = nnx.to_pure_dict(abstract)
+    if mesh is None:
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+    if not rules:
+        raise ValueError("load_for_inference: a mesh needs its logical-axis rules (sharding.rules.rules_for)")
+    validate_state(abstract, mesh.shape, rules)
+    shardings = nnx.to_pure_dict(state_shardings(abstract, mesh, rules))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _lora_base_params(path, step: int, config: dict, like, sharding, mesh=None, rules=None):
     """The base parameters of LoRA run `path` (pure dict shaped as `like`): the run and step its
     checkpoint's `lora` item recorded (else finetune.init_from), loaded with `load_for_inference`
     (so a base that is itself a LoRA run comes merged). FileNotFoundError / ConfigError naming the
@@ -267,7 +295,8 @@ def _lora_base_params(path, step: int, config: dict, like, sharding):
     if not Path(base_dir).is_dir():
         raise FileNotFoundError(f"{path}: the LoRA run's base {base_dir} (finetune.init_from={init_from!r}) "
                                 "is not there; its checkpoint holds only the adapters")
-    base = nnx.to_pure_dict(nnx.state(load_for_inference(base_dir, base_step, sharding).model))
+    base = nnx.to_pure_dict(nnx.state(load_for_inference(base_dir, base_step, sharding, mesh=mesh,
+                                                         rules=rules).model))
     base = _grow_vocab(base, like)
     want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), like)
     have = jax.tree.map(lambda x: (x.shape, str(x.dtype)), base)
