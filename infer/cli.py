@@ -1,6 +1,7 @@
 """`python -m infer COMMAND ...`: the inference command line (thin: parse, check, call a function).
 
     python -m infer sample --run runs/quickstart --prompt "def " --max-new-tokens 64 --temperature 0.8
+    python -m infer sample --run runs/llama --prompt "def " --mesh tensor=8     # split over 8 devices
 
 Commands are argparse subcommands, each a `cmd_<name>(args) -> exit code` registered in
 `build_parser`, so `serve`, `chat`, `export`, `import-hf` slot in beside `sample`. User mistakes
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: weight-only int8 with per-channel scales (default none)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_mesh_arguments(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="serialize prefill and decode (weights included) with jax.export",
@@ -85,7 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     from infer.server import add_serve_parser  # no web framework imported until `serve` runs
 
     add_serve_parser(sub)
+    from infer.chat import add_chat_parser
+
+    add_chat_parser(sub)
     return parser
+
+
+def add_mesh_arguments(p: argparse.ArgumentParser) -> None:
+    """`--mesh` and `--rules`: split the model over this host's devices as training does."""
+    from sharding.rules import RULE_PRESETS
+
+    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
+                   help="split the model over this host's devices, e.g. tensor=8, fsdp=2,tensor=4 or data=2,tensor=4 "
+                        "(heads and KV cache over tensor, slots over data; default: one device)")
+    p.add_argument("--rules", default="fsdp_tp", choices=tuple(RULE_PRESETS),
+                   help="logical-axis rule preset for --mesh (default fsdp_tp)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +156,34 @@ def load_checkpoint(run: str, step: int | None):
         raise UserError(f"{run}: the checkpoint's config is invalid: {e}") from None
 
 
+def load_on_mesh(run: str, step: int | None, mesh: str, rules: str, slots: int | None = None):
+    """(LoadedModel, Layout or None): `load_checkpoint`, or with `--mesh` the checkpoint loaded
+    straight onto the mesh (infer/sharded.py), checked against the model first: a mesh that cannot
+    split it (heads, KV heads, slots, device count) is one UserError line before anything loads."""
+    if not mesh:
+        return load_checkpoint(run, step), None
+    from sharding.mesh import parse_mesh
+    from sharding.rules import ShardingError
+
+    try:
+        parse_mesh(mesh)  # syntax first: before the run is even looked at
+    except ShardingError as e:
+        raise UserError(str(e)) from None
+    if not Path(run).is_dir():
+        raise UserError(f"--run={run}: no such run or checkpoint directory")
+    from infer.sharded import load_sharded
+    from model.config import ConfigError
+
+    try:
+        return load_sharded(run, step, mesh, rules, slots)
+    except ShardingError as e:
+        raise UserError(f"--mesh {mesh} --rules {rules}: {e}") from None
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except ConfigError as e:
+        raise UserError(f"{run}: the checkpoint's config is invalid: {e}") from None
+
+
 def check_sampling_kernels(args: argparse.Namespace) -> None:
     if args.matmul == "pallas":
         from pallas_kernels.platform import PallasPlatformError, check_pallas_platform
@@ -153,7 +197,7 @@ def check_sampling_kernels(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     check_sampling_kernels(args)
-    _, model, tokenizer, _ = load_checkpoint(args.run, args.step)
+    (_, model, tokenizer, _), layout = load_on_mesh(args.run, args.step, args.mesh, args.rules)
     from model.transformer import with_kernels
 
     model = with_kernels(model, "xla", args.matmul)  # the KV-cache path attends with jnp attention
@@ -189,7 +233,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     text = generate_text(model, tokenizer, [args.prompt], max_new_tokens=max_new, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                          min_p=args.min_p, repetition_penalty=args.repetition_penalty, on_token=on_token,
-                         quantize=args.quantize)[0]
+                         quantize=args.quantize, layout=layout)[0]
     if args.stream:
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -29,6 +29,9 @@ Design (after JetStream's prefill / insert / generate split, in one thread):
   distribution in both variants.
 - The decode state is donated to each program (updated in place). The engine thread is the only
   one touching JAX; `submit` only validates and queues.
+- On a mesh (`layout`, infer/sharded.py: `python -m infer serve --mesh tensor=8`) every program is
+  compiled for it: the weights stay split as loaded, the KV cache over KV heads (`tensor`) and,
+  with every per-slot array, over the slots (`data`); the host fetches only each step's tokens.
 
 Log-probabilities are float32 log-softmax of the model's raw logits (the model's own distribution,
 before the repetition penalty, temperature and filters), as the evaluation harnesses that score
@@ -60,6 +63,7 @@ from flax import nnx
 from infer.detokenize import IncrementalDecoder
 from infer.quantize import dequantize_params, prepare
 from infer.sampler import MIN_BUCKET, bucket_length, penalize_repeats, sample_logits
+from infer.sharded import Layout, constrain_cache, constrain_rows, tracing
 from infer.stops import StopMatcher
 from model.transformer import KVCache, per_layer_params
 
@@ -177,29 +181,43 @@ def _materialize(graphdef, rest, layers):
     return nnx.merge(graphdef, {**dequantize_params(rest), "blocks": blocks}), layers
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
-def _init_state(*, cfg, slots: int) -> SlotState:
+def _shard_state(state: SlotState, layout: Layout | None) -> SlotState:
+    """The decode state split over the layout's mesh: the cache over KV heads and, like every
+    per-slot array, over the batch axes (the slots); unchanged on one device."""
+    if layout is None:
+        return state
+    rows = {f.name: constrain_rows(getattr(state, f.name), layout) for f in dataclasses.fields(state)
+            if f.name != "cache"}
+    return SlotState(cache=constrain_cache(state.cache, layout), **rows)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "layout"))
+def _init_state(*, cfg, slots: int, layout: Layout | None = None) -> SlotState:
     B, V = slots, cfg.vocab_size
     cache = KVCache.init(cfg, batch=B, length=cfg.max_seq_len)
     cache = dataclasses.replace(cache, index=jnp.zeros((B,), jnp.int32))
     f32 = lambda v: jnp.full((B,), v, jnp.float32)  # noqa: E731
-    return SlotState(cache, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B, V), bool),
-                     f32(0.0), jnp.zeros((B,), jnp.int32), f32(1.0), f32(0.0), f32(1.0), jnp.zeros((B, 2), jnp.uint32))
+    state = SlotState(cache, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B, V), bool),
+                      f32(0.0), jnp.zeros((B,), jnp.int32), f32(1.0), f32(0.0), f32(1.0), jnp.zeros((B, 2), jnp.uint32))
+    return _shard_state(state, layout)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("state",))
 def _prefill(rest, layers, state: SlotState, tokens, positions, targets, last, slot, temperature, top_k, top_p,
-             min_p, penalty, seed, *, graphdef):
+             min_p, penalty, seed, *, graphdef, layout: Layout | None = None):
     """Prefill one prompt (all but its last token) into slot `slot` and set the slot's settings.
     tokens, positions, targets: (1, Lp) int32, right-padded (position -1); targets[j] is the prompt
     token after column j; last: the prompt's last token (fed by the next decode step).
-    Returns the state and the prompt logprobs (Lp,) float32."""
+    Returns the state and the prompt logprobs (Lp,) float32. layout: the mesh and rules the
+    state is split by (infer/sharded.py), None on one device."""
     model, layers = _materialize(graphdef, rest, layers)
     cfg = model.cfg
     S, V = state.cache.length, cfg.vocab_size
     Lp = tokens.shape[1]
-    cache = KVCache.init(cfg, batch=1, length=Lp)
-    logits, cache = model(tokens, positions, cache=cache, layer_params=layers)  # (1, Lp, V)
+    one = None if layout is None else layout.for_batch(1)  # one row: replicated over the slots' axes
+    with tracing(one):
+        cache = constrain_cache(KVCache.init(cfg, batch=1, length=Lp), one)
+        logits, cache = model(tokens, positions, cache=cache, layer_params=layers)  # (1, Lp, V)
     logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # (Lp, V)
     prompt_lp = jnp.take_along_axis(logp, targets[0, :, None], axis=-1)[:, 0]  # (Lp,)
     c, z = state.cache, jnp.zeros((), jnp.int32)
@@ -215,7 +233,7 @@ def _prefill(rest, layers, state: SlotState, tokens, positions, targets, last, s
                       put(state.seen, seen), put(state.temperature, temperature), put(state.top_k, top_k),
                       put(state.top_p, top_p), put(state.min_p, min_p), put(state.penalty, penalty),
                       put(state.seed, seed))
-    return state, prompt_lp
+    return _shard_state(state, layout), prompt_lp
 
 
 def _choose(logits, s: SlotState, filtered: bool):
@@ -239,22 +257,24 @@ def _choose(logits, s: SlotState, filtered: bool):
     return jnp.where(s.temperature > 0, sampled, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "filtered", "top"), donate_argnames=("state",))
-def _decode(rest, layers, state: SlotState, active, *, graphdef, filtered: bool, top: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "filtered", "top", "layout"), donate_argnames=("state",))
+def _decode(rest, layers, state: SlotState, active, *, graphdef, filtered: bool, top: bool,
+            layout: Layout | None = None):
     """One token for every slot. active (B,) bool: idle slots keep their index and count.
     Returns the state and (token (B,), its logprob (B,)[, top ids (B, k), top logprobs (B, k)])."""
     model, layers = _materialize(graphdef, rest, layers)
     B = state.token.shape[0]
     c = state.cache
-    logits, cache = model(state.token[:, None], c.index[:, None], cache=c, layer_params=layers)  # (B, 1, V)
+    with tracing(layout):
+        logits, cache = model(state.token[:, None], c.index[:, None], cache=c, layer_params=layers)  # (B, 1, V)
     logits = logits[:, 0].astype(jnp.float32)  # (B, V)
     logp = jax.nn.log_softmax(logits, axis=-1)
     token = _choose(logits, state, filtered)
     token_lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     cache = dataclasses.replace(cache, index=jnp.where(active, c.index + 1, c.index))
     seen = state.seen.at[jnp.arange(B), token].set(True)
-    state = dataclasses.replace(state, cache=cache, token=jnp.where(active, token, state.token),
-                                count=state.count + active.astype(jnp.int32), seen=seen)
+    state = _shard_state(dataclasses.replace(state, cache=cache, token=jnp.where(active, token, state.token),
+                                             count=state.count + active.astype(jnp.int32), seen=seen), layout)
     out = (token, token_lp)
     if top:
         top_lp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, logp.shape[-1]))  # (B, k)
@@ -340,14 +360,21 @@ class Engine:
     model: a Transformer (its cfg gives max_context = max_seq_len); tokenizer: a model/tokenizer.py
     Tokenizer (EOS always stops). max_queue: requests that may wait for a slot before submit raises
     QueueFull. quantize: None/"none" or "int8" (weights stored int8, dequantized inside each program).
+    layout: the mesh and rules the model's parameters are split by (infer/sharded.py: a model loaded
+    with `load_sharded`); the KV cache and per-slot state are then split too, the slots over the
+    batch axes (so `slots` must divide over them), the KV heads over `tensor`. None: one device.
     """
 
     def __init__(self, model, tokenizer, *, slots: int = 8, max_queue: int = 64, name: str = "model",
-                 quantize: str | None = None):
+                 quantize: str | None = None, layout: Layout | None = None):
         if not _is_int(slots) or slots < 1:
             raise EngineError(f"slots={slots!r} must be an integer >= 1")
         if not _is_int(max_queue) or max_queue < 0:
             raise EngineError(f"max_queue={max_queue!r} must be an integer >= 0")
+        if layout is not None and slots % layout.batch_shards:
+            raise EngineError(f"slots={slots} does not divide over the {layout.batch_shards} devices the batch maps "
+                              f"to on mesh {layout.describe()}; use a multiple of {layout.batch_shards}")
+        self.layout = layout
         self.name = name
         self.slots = int(slots)
         self.max_queue = int(max_queue)
@@ -396,12 +423,12 @@ class Engine:
         self._compile_all()
         for Lp in self.buckets:  # run each once too (jit-cache hits now): nothing is left for a request
             self._state, lp = _prefill(self._rest, self._layers, self._state, *self._prefill_inputs(Lp),
-                                       graphdef=self._graphdef)
+                                       graphdef=self._graphdef, layout=self.layout)
             jax.block_until_ready(lp)
         active = np.zeros(self.slots, bool)
         for filtered, top in itertools.product((False, True), repeat=2):
             self._state, out = _decode(self._rest, self._layers, self._state, active, graphdef=self._graphdef,
-                                       filtered=filtered, top=top)
+                                       filtered=filtered, top=top, layout=self.layout)
             jax.block_until_ready(out)
         self._state = self._new_state()
         jax.block_until_ready(self._state)
@@ -570,7 +597,7 @@ class Engine:
                 self._finish(req, "", [], None, "length", time.perf_counter())
 
     def _new_state(self) -> SlotState:
-        return _init_state(cfg=self.cfg, slots=self.slots)
+        return _init_state(cfg=self.cfg, slots=self.slots, layout=self.layout)
 
     def _prefill_inputs(self, Lp: int) -> tuple:
         """Warm-up arguments of a prefill of bucket length Lp (an empty prompt into slot 0)."""
@@ -581,12 +608,18 @@ class Engine:
     def _compile_all(self):
         """Compile every program ahead of time, several at once (XLA compiles outside the GIL, so
         compiles overlap on several cores); the calls that follow find them in jit's cache."""
-        spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)  # noqa: E731
+        def spec(tree):  # on a mesh, each array's sharding is part of the program
+            def one(x):
+                sharding = getattr(x, "sharding", None) if self.layout is not None else None
+                return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+            return jax.tree.map(one, tree)
+
         params = (spec(self._rest), spec(self._layers), spec(self._state))
-        jobs = [functools.partial(_prefill.lower, *params, *spec(self._prefill_inputs(Lp)), graphdef=self._graphdef)
-                for Lp in self.buckets]
+        jobs = [functools.partial(_prefill.lower, *params, *spec(self._prefill_inputs(Lp)), graphdef=self._graphdef,
+                                  layout=self.layout) for Lp in self.buckets]
         jobs += [functools.partial(_decode.lower, *params, spec(np.zeros(self.slots, bool)), graphdef=self._graphdef,
-                                   filtered=f, top=t) for f, t in itertools.product((False, True), repeat=2)]
+                                   filtered=f, top=t, layout=self.layout)
+                 for f, t in itertools.product((False, True), repeat=2)]
         with concurrent.futures.ThreadPoolExecutor(max(2, min(len(jobs), os.cpu_count() or 2))) as pool:
             for future in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
                 future.result()
@@ -606,13 +639,14 @@ class Engine:
             self._rest, self._layers, self._state, tokens, positions, tgt, np.int32(last), np.int32(slot),
             np.float32(o.temperature), np.int32(min(o.top_k, self.vocab_size)), np.float32(o.top_p),
             np.float32(o.min_p), np.float32(o.repetition_penalty), np.asarray(seed, np.uint32),
-            graphdef=self._graphdef)
+            graphdef=self._graphdef, layout=self.layout)
         return np.asarray(lp)
 
     def _step(self):
         active = np.array([r is not None for r in self._slot_req])
         self._state, out = _decode(self._rest, self._layers, self._state, active, graphdef=self._graphdef,
-                                   filtered=bool(np.any(self._filtered & active)), top=bool(np.any(self._top & active)))
+                                   filtered=bool(np.any(self._filtered & active)), top=bool(np.any(self._top & active)),
+                                   layout=self.layout)
         out = jax.device_get(out)
         now = time.perf_counter()
         self.steps += 1

@@ -43,6 +43,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from infer.quantize import dequantize_params, prepare
+from infer.sharded import Layout, constrain_cache, tracing
 from model.transformer import KVCache, split_layers
 
 MIN_BUCKET = 8  # shortest padded prompt length: tiny prompts share one compile
@@ -198,7 +199,8 @@ class _Call:
     stop_seqs: (B, M, T) int32 right-aligned stop sequences (-1 left of a shorter one; all -1:
     unused). max_new: (B,) per-row limits. min_p / penalty: None when the feature is off.
     window: 0, or the context S past which the window slides. emit(step, tokens, emitted): the
-    streaming host call, or None.
+    streaming host call, or None. layout: the mesh and rules the KV cache is split by
+    (infer/sharded.py), None on one device.
     """
 
     model: Any
@@ -217,6 +219,7 @@ class _Call:
     greedy: bool
     filtered: bool
     emit: Callable | None
+    layout: Layout | None = None
 
     @property
     def T(self) -> int:  # longest stop sequence (rounded up to a power of two)
@@ -253,7 +256,7 @@ def _prefill(c: _Call, tokens: jax.Array, positions: jax.Array) -> DecodeState:
     model = c.model
     B, Lp = tokens.shape
     V = model.cfg.vocab_size
-    cache = KVCache.init(model.cfg, batch=B, length=c.cache_len)
+    cache = constrain_cache(KVCache.init(model.cfg, batch=B, length=c.cache_len), c.layout)
     logits, cache = model(tokens, positions, cache=cache)  # (B, Lp, V)
     history = jnp.concatenate([jnp.full((B, c.P), -2, jnp.int32), jnp.where(positions >= 0, tokens, -2),
                                jnp.zeros((B, c.N), jnp.int32)], axis=1)  # (B, P + Lp + N)
@@ -286,6 +289,7 @@ def _decode_step(c: _Call, s: DecodeState) -> DecodeState:
     already done get token 0, are not counted or streamed, and stay done."""
     B = s.token.shape[0]
     logits, cache = c.model(s.token[:, None], s.positions[:, None], cache=s.cache, layer_params=c.layers)  # (B, 1, V)
+    cache = constrain_cache(cache, c.layout)  # the loop carry stays split over the mesh
     token = c.choose(logits[:, 0], s.step, s.seen)  # (B,)
     token = jnp.where(s.done, 0, token)
     tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
@@ -309,8 +313,9 @@ def _slide_window(c: _Call, s: DecodeState) -> DecodeState:
     ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep - 1, axis=1)  # (B, keep - 1)
     valid = ctx >= 0
     wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
-    cache = KVCache.init(c.model.cfg, batch=B, length=c.cache_len)
+    cache = constrain_cache(KVCache.init(c.model.cfg, batch=B, length=c.cache_len), c.layout)
     _, cache = c.model(jnp.where(valid, ctx, 0), wpos, cache=cache, layer_params=c.layers)
+    cache = constrain_cache(cache, c.layout)
     return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))
 
 
@@ -339,13 +344,13 @@ def _decode_loop(c: _Call, s: DecodeState) -> DecodeState:
     return jax.lax.while_loop(running, chunk, s)
 
 
-_STATIC_ARGS = ("graphdef", "max_new_tokens", "greedy", "filtered", "use_min_p", "penalized", "window")
+_STATIC_ARGS = ("graphdef", "max_new_tokens", "greedy", "filtered", "use_min_p", "penalized", "window", "layout")
 
 
 def _generate_program(graphdef, params, tokens, positions, seed, temperature, top_k, top_p, min_p, penalty,
                       stop_seqs, max_new, stream_id, *, max_new_tokens: int, greedy: bool, filtered: bool,
                       use_min_p: bool = False, penalized: bool = False, window: int = 0,
-                      deliver: Callable | None = None):
+                      layout: Layout | None = None, deliver: Callable | None = None):
     """Prefill + decode loop, one program (jitted by `_jit_generate`).
 
     tokens, positions: (B, Lp) int32 (left padding at position -1). stop_seqs: (B, M, T) int32
@@ -356,6 +361,8 @@ def _generate_program(graphdef, params, tokens, positions, seed, temperature, to
     window: 0 = the prompts plus N fit the model's positions; else the model's context S, and when
     the next token to feed would take position S - 1 every row's last S // 2 tokens are prefilled
     again into a fresh cache (positions 0..) and decoding continues from there.
+    layout: the mesh and rules the parameters are split by (infer/sharded.py; for this batch), None
+    on one device: the KV cache is split like them, and only the tokens come back.
     Returns the generated tokens (B, N) int32 and their counts per row (B,) int32.
     """
     model = nnx.merge(graphdef, dequantize_params(params))  # int8 weights become float here, once per call
@@ -367,8 +374,9 @@ def _generate_program(graphdef, params, tokens, positions, seed, temperature, to
               key=jax.random.key(seed), temperature=temperature, top_k=top_k, top_p=top_p,
               min_p=min_p if use_min_p else None, penalty=penalty if penalized else None,
               stop_seqs=stop_seqs, max_new=max_new, Lp=tokens.shape[1], N=max_new_tokens, window=window,
-              greedy=greedy, filtered=filtered, emit=emit if deliver is not None else None)
-    state = _decode_loop(c, _prefill(c, tokens, positions))
+              greedy=greedy, filtered=filtered, emit=emit if deliver is not None else None, layout=layout)
+    with tracing(layout):  # the model's own logical constraints resolve on the layout's mesh
+        state = _decode_loop(c, _prefill(c, tokens, positions))
     return state.tokens, state.lengths
 
 
@@ -453,10 +461,14 @@ class Sampler:
 
     quantize: None/"none" keeps the float parameters; "int8" stores every weight matrix as int8 with
     per-output-channel scales (infer/quantize.py), dequantized inside the compiled program.
+    layout: the mesh and rules the model's parameters are split by (infer/sharded.py: a model loaded
+    with `load_sharded`); the KV cache is then split too (KV heads over `tensor`, rows over the
+    batch axes when they divide). None: one device.
     """
 
-    def __init__(self, model: nnx.Module, quantize: str | None = None):
+    def __init__(self, model: nnx.Module, quantize: str | None = None, layout: Layout | None = None):
         self.cfg = model.cfg
+        self.layout = layout
         self.graphdef, state = nnx.split(model)
         self.params = prepare(nnx.to_pure_dict(state), quantize)
         self._streams = _StreamRouter()
@@ -526,6 +538,7 @@ class Sampler:
                 jnp.asarray(stops), jnp.asarray(limits, jnp.int32), jnp.asarray(stream_id, jnp.int32),
                 max_new_tokens=max_new, greedy=sampling.greedy, filtered=sampling.filtered,
                 use_min_p=sampling.min_p > 0 and not sampling.greedy, penalized=sampling.penalized, window=window,
+                layout=None if self.layout is None else self.layout.for_batch(B),
             )
             out, lengths = np.asarray(out), np.asarray(lengths)  # waits for the program (and its host calls)
         return [out[i, :lengths[i]].tolist() for i in range(len(rows))]
@@ -534,7 +547,7 @@ class Sampler:
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *,
              max_new_tokens: int | Sequence[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             stop_tokens=None, stop_sequences=None, on_token=None) -> list[list[int]]:
+             stop_tokens=None, stop_sequences=None, on_token=None, layout: Layout | None = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens per row.
 
     prompts: B token-id sequences (lists or int arrays) of any lengths >= 1, generated together.
@@ -550,26 +563,27 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *
     step's tokens, emitted: (B,) bool, False for rows already stopped); without it the loop makes
     no host calls. Concurrent calls each get only their own tokens. Each call builds a Sampler,
     whose streaming program compiles on its first call: to stream many times, keep a Sampler.
+    layout: the mesh the model is split over (see `Sampler`), None on one device.
     Raises ValueError when a prompt plus max_new_tokens exceeds `model.cfg.max_seq_len`, or for an
     empty prompt, a token outside the vocabulary, or an invalid sampling setting.
     """
-    return Sampler(model).generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                   eos_id=eos_id, stop_tokens=stop_tokens, stop_sequences=stop_sequences,
-                                   on_token=on_token)
+    return Sampler(model, layout=layout).generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, eos_id=eos_id, stop_tokens=stop_tokens,
+        stop_sequences=stop_sequences, on_token=on_token)
 
 
 def generate_long(model: nnx.Module, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens,
-                  quantize: str | None = None, **kwargs) -> list[list[int]]:
+                  quantize: str | None = None, layout: Layout | None = None, **kwargs) -> list[list[int]]:
     """`generate`, but without the context limit: when a prompt plus the new tokens exceed
     max_seq_len, the window slides inside the compiled loop: prompts are cut to their last
     max_seq_len // 2 tokens, and whenever the next token to feed would take the last position,
     every row's last max_seq_len // 2 tokens are prefilled again and decoding continues from the
     cache (nanoGPT crops its context too, but recomputes it for every token). Rows slide together.
-    Within the limit it is exactly `generate`. quantize: see `Sampler`; other keyword arguments are
-    `generate`'s.
+    Within the limit it is exactly `generate`. quantize, layout: see `Sampler`; other keyword
+    arguments are `generate`'s.
     """
-    return Sampler(model, quantize).generate(prompts, max_new_tokens=max_new_tokens, slide=True, **kwargs)
+    return Sampler(model, quantize, layout).generate(prompts, max_new_tokens=max_new_tokens, slide=True, **kwargs)
 
 
 def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
@@ -581,7 +595,8 @@ def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_n
     stop: stop strings, one list for all rows or one list per row. Each is encoded to a stop
     sequence (so generation stops on device), and the text is also cut before its first stop
     string (a BPE tokenizer may spell it with other tokens), the stop string excluded.
-    Other keyword arguments are `generate`'s (min_p, repetition_penalty, on_token, ...).
+    Other keyword arguments are `generate_long`'s (min_p, repetition_penalty, on_token, quantize,
+    layout, ...).
     """
     ids = []
     for p in prompts:

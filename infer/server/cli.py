@@ -152,6 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, path in runs.items():
         # the chat template travels in the tokenizer (jaxlm's own, or an imported model's Jinja one)
         loaded, layout = load_on_mesh(path, None, args.mesh, args.rules, args.slots)
+        if layout is not None:
+            print(f"{name}: weights and KV cache split over {layout.describe()}, rules {args.rules}",
+                  file=sys.stderr, flush=True)
         engines.append(Engine(loaded.model, loaded.tokenizer, slots=args.slots, max_queue=args.max_queue, name=name,
                               quantize=None if args.quantize == "none" else args.quantize, layout=layout))
     app = create_app(engines, api_key=key, request_timeout_s=args.request_timeout,
