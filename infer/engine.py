@@ -236,10 +236,18 @@ def _prefill(rest, layers, state: SlotState, tokens, positions, targets, last, s
     return _shard_state(state, layout), prompt_lp
 
 
-def _choose(logits, s: SlotState, filtered: bool):
-    """logits (B, V) float32 -> (B,) int32, each row by its own settings and its own key."""
+def _choose(logits, s: SlotState, filtered: bool, active):
+    """logits (B, V) float32 -> (B,) int32, each row by its own settings and its own key. When no
+    active row samples (all greedy), the sampling branch (a key and V random numbers per row) is
+    skipped at run time: a greedy row's token is the argmax either way."""
     logits = penalize_repeats(logits, s.seen, s.penalty[:, None])
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(active & (s.temperature > 0)), lambda: _sample(logits, greedy, s, filtered),
+                        lambda: greedy)
+
+
+def _sample(logits, greedy, s: SlotState, filtered: bool):
+    """_choose's rows with temperature > 0 sampled, the others `greedy`."""
     scaled = logits / jnp.where(s.temperature > 0, jnp.maximum(s.temperature, 1e-6), 1.0)[:, None]  # as the sampler
     floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(s.min_p)[:, None]  # log 0 = -inf: off
     scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)  # min-p, on the tempered distribution (as the sampler)
@@ -269,7 +277,7 @@ def _decode(rest, layers, state: SlotState, active, *, graphdef, filtered: bool,
         logits, cache = model(state.token[:, None], c.index[:, None], cache=c, layer_params=layers)  # (B, 1, V)
     logits = logits[:, 0].astype(jnp.float32)  # (B, V)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    token = _choose(logits, state, filtered)
+    token = _choose(logits, state, filtered, active)
     token_lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     cache = dataclasses.replace(cache, index=jnp.where(active, c.index + 1, c.index))
     seen = state.seen.at[jnp.arange(B), token].set(True)
@@ -408,6 +416,7 @@ class Engine:
         self._filtered = np.zeros(self.slots, bool)
         self._top = np.zeros(self.slots, bool)
         self.steps = 0
+        self._pending: tuple | None = None  # (outputs, slot requests) of the step in flight
 
     # ---------------------------------------------------------------- device programs
 
@@ -545,15 +554,14 @@ class Engine:
     def _loop(self):
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not any(self._slot_req):
+                while not self._stop and not self._waiting and not any(self._slot_req) and self._pending is None:
                     self._cond.wait()
                 if self._stop:
                     return
             try:
                 self._cancel_requested()
                 self._admit()
-                if any(r is not None for r in self._slot_req):
-                    self._step()
+                self._step()
             except Exception as e:  # a device failure: fail what runs, start from a fresh state
                 log.exception("engine %s: step failed", self.name)
                 self._fail_running(e)
@@ -590,7 +598,7 @@ class Engine:
             prompt_lp = self._run_prefill(slot, req.prompt[:-1], req.prompt[1:], int(req.prompt[-1]), o,
                                           (req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF))
             if o.echo_logprobs:
-                req.prompt_logprobs = [None] + [float(x) for x in prompt_lp[:n - 1]]
+                req.prompt_logprobs = [None] + [float(x) for x in np.asarray(prompt_lp)[:n - 1]]
             self._filtered[slot] = o.temperature > 0 and (o.top_k > 0 or o.top_p < 1)
             self._top[slot] = bool(o.logprobs)
             if o.max_tokens == 0:
@@ -624,9 +632,9 @@ class Engine:
             for future in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
                 future.result()
 
-    def _run_prefill(self, slot, before, targets, last, o: SamplingOptions, seed) -> np.ndarray:
+    def _run_prefill(self, slot, before, targets, last, o: SamplingOptions, seed) -> jax.Array:
         """Prefill `before` (the prompt but its last token) into `slot`; returns the logprobs of
-        `targets` (the prompt but its first token), one per prefilled column."""
+        `targets` (the prompt but its first token), one per prefilled column (a device array)."""
         m = len(before)
         Lp = bucket_length(max(m, 1), self.max_context)
         tokens = np.zeros((1, Lp), np.int32)
@@ -640,19 +648,34 @@ class Engine:
             np.float32(o.temperature), np.int32(min(o.top_k, self.vocab_size)), np.float32(o.top_p),
             np.float32(o.min_p), np.float32(o.repetition_penalty), np.asarray(seed, np.uint32),
             graphdef=self._graphdef, layout=self.layout)
-        return np.asarray(lp)
+        return lp  # left on device: reading it would wait for the decode step in flight
 
     def _step(self):
+        """Dispatch the next decode step, then turn the previous step's tokens into events while the
+        device computes (the step chain stays on device: each step feeds the tokens the one before
+        chose). A request that ended at the previous step still rides this one; its extra token is
+        dropped, and its slot is free for the next admission."""
+        pending, self._pending = self._pending, None
         active = np.array([r is not None for r in self._slot_req])
-        self._state, out = _decode(self._rest, self._layers, self._state, active, graphdef=self._graphdef,
-                                   filtered=bool(np.any(self._filtered & active)), top=bool(np.any(self._top & active)),
-                                   layout=self.layout)
+        if active.any():
+            self._state, out = _decode(self._rest, self._layers, self._state, active, graphdef=self._graphdef,
+                                       filtered=bool(np.any(self._filtered & active)),
+                                       top=bool(np.any(self._top & active)), layout=self.layout)
+            for x in out:
+                x.copy_to_host_async()  # ready by the time the next call reads it
+            self._pending = (out, list(self._slot_req))
+            self.steps += 1
+        if pending is not None:
+            self._emit_step(*pending)
+
+    def _emit_step(self, out, reqs: list):
+        """The events of one decode step's tokens, for the requests that held each slot when it ran
+        (a request finished or cancelled since then gets nothing more)."""
         out = jax.device_get(out)
         now = time.perf_counter()
-        self.steps += 1
         tokens, lps = out[0], out[1]
-        for slot, req in enumerate(self._slot_req):
-            if req is None:
+        for slot, req in enumerate(reqs):
+            if req is None or req.handle.finish_reason is not None or self._slot_req[slot] is not req:
                 continue
             t = int(tokens[slot])
             lp = None
@@ -714,6 +737,7 @@ class Engine:
         for r in list(self._slot_req):
             if r is not None:
                 self._finish(r, "", [], None, "error", now)
+        self._pending = None
         self._state = self._new_state()
 
     def _token_text(self, t: int) -> str:
