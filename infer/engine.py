@@ -605,7 +605,14 @@ class Engine:
                 self._finish(req, "", [], None, "length", time.perf_counter())
 
     def _new_state(self) -> SlotState:
-        return _init_state(cfg=self.cfg, slots=self.slots, layout=self.layout)
+        """A fresh decode state, committed to the parameters' device like every program's output, so
+        the programs see one kind of state (an uncommitted one would be a second jit signature: a
+        prefill compiled again at the first request)."""
+        state = _init_state(cfg=self.cfg, slots=self.slots, layout=self.layout)
+        if self.layout is None:
+            on = [x.sharding for x in jax.tree.leaves((self._rest, self._layers)) if isinstance(x, jax.Array)]
+            state = jax.device_put(state, on[0] if on else jax.devices()[0])
+        return state
 
     def _prefill_inputs(self, Lp: int) -> tuple:
         """Warm-up arguments of a prefill of bucket length Lp (an empty prompt into slot 0)."""
