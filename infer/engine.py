@@ -18,8 +18,11 @@ Design (after JetStream's prefill / insert / generate split, in one thread):
   there is one place where tokens are chosen, and the prefill's logits give the log-probability
   of every prompt token (`echo_logprobs`).
 - One jitted decode step advances every slot (idle ones too, harmlessly: their index stays put) and
-  returns each slot's token. The host turns tokens into text, checks stops and limits, and frees a
-  finished slot at once, so a waiting request is inserted before the next step.
+  returns each slot's token. The loop is pipelined: step k+1 is dispatched (its input tokens are
+  step k's, still on device) before the host turns step k's tokens into text, checks stops and
+  limits and frees finished slots, so host work overlaps device work. A request that ended at step
+  k rides step k+1 too; that token is dropped, and a waiting request takes the slot before k+2.
+  When every active row is greedy the step skips the sampling branch at run time (lax.cond).
 - Sampling settings (temperature, top-k, top-p, min-p, repetition penalty, seed) are per-slot
   arrays: requests with different settings share one compiled step. The step exists in four
   variants, all compiled at start-up: with or without the top-k/top-p sort (only when some slot
