@@ -162,21 +162,21 @@ PRESETS: dict[str, ModelConfig] = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     """A named preset with field overrides, validated."""
-    choice("model.preset", name, tuple(PRESETS))
-    return dataclasses.replace(PRESETS[name], **overrides).validate()
+    return dataclasses.replace(_preset_base(name), **overrides).validate()
 
 
 def model_config_from_dict(body: dict[str, Any]) -> ModelConfig:
     """The model section of a config (YAML, overrides or a checkpoint's saved config): `preset`
     picks the starting point, every other key overrides one field, checked and coerced."""
     body = dict(body)
-    base = PRESETS[_preset_name(body.pop("preset"))] if "preset" in body else ModelConfig()
+    base = _preset_base(body.pop("preset")) if "preset" in body else ModelConfig()
     return build_section("model", base, body, extra_allowed=" (or preset)")
 
 
-def _preset_name(name: Any) -> str:
+def _preset_base(name: Any) -> ModelConfig:
+    """The one preset lookup: a ConfigError naming the allowed presets for an unknown name."""
     choice("model.preset", str(name), tuple(PRESETS))
-    return str(name)
+    return PRESETS[str(name)]
 
 
 def build_section(name: str, base: Any, body: dict[str, Any], extra_allowed: str = "") -> Any:
