@@ -10,6 +10,7 @@ import pytest
 from model.chat_template import (CHAT_TOKENS, ChatTemplate, chat_stop_strings, chat_stop_token_ids, render_chat,
                                  validate_messages)
 from model.tokenizer import EOS_TEXT, BPETokenizer, ByteTokenizer, CharTokenizer
+from tests.model.tokenizers import hf_style_bpe
 
 # Hugging Face templates as models ship them (Qwen-style ChatML; Llama-2-chat, verbatim in structure).
 CHATML_JINJA = (
@@ -40,18 +41,8 @@ CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
 def hf_tok():
     """A tiny imported-style BPE: special tokens <s>, </s>, <|im_start|>, <|im_end|>, non-special added
     [INST]/[/INST] (as Mistral-era tokenizers have) and an rstrip token, carrying Llama-2's template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello world, [INST] say hi [/INST] fine thanks <<SYS>> system"] * 20, trainer=trainer)
-    tok.add_tokens([AddedToken("[INST]", special=False, normalized=False),
-                    AddedToken("[/INST]", special=False, normalized=False)])
-    tok.add_special_tokens([AddedToken("<|eot|>", rstrip=True)])
-    return BPETokenizer(tok).with_chat_template(LLAMA2_JINJA, bos_token="<s>", eos_token="</s>")
+    tok = hf_style_bpe(["hello world, [INST] say hi [/INST] fine thanks <<SYS>> system"] * 20, vocab_size=290)
+    return tok.with_chat_template(LLAMA2_JINJA, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")

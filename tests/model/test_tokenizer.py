@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from model.tokenizer import EOS_TEXT, BPETokenizer, ByteTokenizer, CharTokenizer, _split_text, tokenizer_from_json
+from tests.model.tokenizers import hf_style_bpe
 
 TEXT = "def f(x):\n    return x ** 2  # naïve — ünïcode ✓ 日本語 🙂\n\nclass A:\n    pass\n"
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -26,20 +27,8 @@ def bpe(corpus):
 
 @pytest.fixture(scope="module")
 def hf_bpe():
-    """An imported-style tokenizer: special tokens, a non-special added token ("[INST]", as some
-    Hugging Face tokenizers have) and an rstrip token."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["hello world, [INST] say hi [/INST] fine"] * 20, trainer=trainer)
-    tok.add_tokens([AddedToken("[INST]", special=False, normalized=False),
-                    AddedToken("[/INST]", special=False, normalized=False)])
-    tok.add_special_tokens([AddedToken("<|eot|>", rstrip=True)])
-    return BPETokenizer(tok)
+    """An imported-style tokenizer (tests/model/tokenizers.py)."""
+    return hf_style_bpe(["hello world, [INST] say hi [/INST] fine"] * 20, vocab_size=280)
 
 
 def test_byte_round_trips_non_ascii_text():
