@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS messages (
     meta       TEXT NOT NULL,           -- JSON object
     created    REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS sessions_by_touched ON sessions(touched);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, id);
 CREATE TABLE IF NOT EXISTS summaries (
     session_id      TEXT PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
