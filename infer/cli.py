@@ -284,5 +284,5 @@ def cmd_export(args: argparse.Namespace) -> int:
     from infer.export import export_run
 
     out = export_run(loaded, args.out, batch=args.batch, quantize=None if args.quantize == "none" else args.quantize)
-    print(f"wrote {out} (run it with: python -m infer.load_exported {out} --ids ...)")
+    print(f"wrote {out} (run it with: python -m infer.load_exported {out} --chat, --prompt TEXT or --ids ...)")
     return 0
