@@ -226,6 +226,15 @@ class RoutingPolicy:
         return cls(specs, tuple(engines)).build(engines, chat_templates)
 
 
+def _count(backend: Backend, messages: Sequence[dict]) -> float:
+    """The backend's token count, infinite when it cannot encode the text (a character-level
+    vocabulary without some character): such a backend fits no conversation."""
+    try:
+        return backend.count_tokens(messages)
+    except ValueError:
+        return math.inf
+
+
 def _engine_map(engines) -> dict[str, Any]:
     if isinstance(engines, Mapping):
         return dict(engines)
@@ -333,7 +342,7 @@ class Router:
             if model is not None and not self.by_name[model].local:
                 notes.append(f"asked model {model} is remote, not used")
 
-        need = {b.name: b.count_tokens(messages) + 1 for b in candidates}
+        need = {b.name: _count(b, messages) + 1 for b in candidates}
         fits = {b.name: need[b.name] <= b.context for b in candidates}
         longest = max(b.context for b in candidates)
 

@@ -300,11 +300,12 @@ def _chat_logprobs(token_logprobs) -> list[ChatTokenLogprob]:
 
 def create_app(engines: Sequence[Any], *, api_key: str | None = None, chat_templates: dict[str, str] | None = None,
                request_timeout_s: float = 600.0, max_body_bytes: int = MAX_BODY_BYTES, retry_after_s: int = 1,
-               cors_origins: Sequence[str] = (), start_engines: bool = True, shutdown_grace_s: float = 30.0
-               ) -> FastAPI:
+               cors_origins: Sequence[str] = (), start_engines: bool = True, shutdown_grace_s: float = 30.0,
+               agent: Any = None) -> FastAPI:
     """The HTTP app serving `engines` (each under its `name`). With `start_engines`, engines not yet
     started are started (compiled) in a background thread at app start-up; /health answers 503
-    until all are ready. At app shutdown every engine is shut down."""
+    until all are ready. At app shutdown every engine is shut down. `agent` (infer.agent.service.Agent)
+    adds the chat page at `/` and the /v1/agent/* API (infer/agent/http.py)."""
     names = [e.name for e in engines]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -389,6 +390,10 @@ def create_app(engines: Sequence[Any], *, api_key: str | None = None, chat_templ
     async def chat_completions(request: Request):
         return await _chat(state, request)
 
+    if agent is not None:
+        from infer.agent.http import mount_agent
+
+        mount_agent(app, agent)
     app.add_middleware(_Guard, state=state)
     if cors_origins:  # outside the guard: a browser's preflight carries no API key
         from starlette.middleware.cors import CORSMiddleware

@@ -3,6 +3,11 @@
     python -m infer serve --run runs/quickstart --port 8000
     JAXLM_API_KEY=secret python -m infer serve --run a=runs/a --run b=runs/b --host 0.0.0.0
     python -m infer serve --run runs/llama --mesh tensor=8 --slots 32   # one model over 8 devices
+    python -m infer serve --run tiny=runs/tiny --policy experiments/hybrid.yml --memory chats.sqlite
+
+Every server also carries the agent layer (infer/agent/): the chat page at `/` and /v1/agent/*,
+routing over the policy file given with --policy (default: every served model as a local
+backend), conversations in the SQLite file --memory (default: agent.sqlite in the first run dir).
 
 Safe defaults: binds 127.0.0.1; any other address needs an API key (refused at start-up otherwise).
 SIGTERM drains: new requests get 503, running ones finish within --drain-timeout, then the process
@@ -45,6 +50,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("none", "int8"), default="none", help="int8: weight-only int8 weights")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed by CORS (repeatable; no wildcard; default: none)")
+    p.add_argument("--policy", default=None, metavar="FILE",
+                   help="routing policy (YAML) of the agent layer: local and remote backends and the rules over "
+                        "them (default: every served model as a local backend, in --run order)")
+    p.add_argument("--memory", default=None, metavar="SQLITE_PATH",
+                   help="the agent's conversation store, a SQLite file (default: agent.sqlite in the first --run "
+                        "directory; ':memory:' keeps nothing)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     from infer.cli import add_mesh_arguments
 
@@ -143,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             parse_mesh(args.mesh)
         except ShardingError as e:
             raise UserError(str(e)) from None
+    policy = _read_policy(args.policy, runs)  # a wrong policy file: one line, before any model loads
+    store = _open_store(_memory_path(args.memory, runs))
     sock = _bind(args.host, args.port)  # before loading: a taken port fails in a second, not after minutes
 
     from infer.engine import Engine
@@ -157,8 +170,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         engines.append(Engine(loaded.model, loaded.tokenizer, slots=args.slots, max_queue=args.max_queue, name=name,
                               quantize=None if args.quantize == "none" else args.quantize, layout=layout))
+    agent = _make_agent(policy, engines, store)
     app = create_app(engines, api_key=key, request_timeout_s=args.request_timeout,
-                     cors_origins=args.allow_origin, shutdown_grace_s=args.drain_timeout)
+                     cors_origins=args.allow_origin, shutdown_grace_s=args.drain_timeout, agent=agent)
     state = app.state.jaxlm
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, lifespan="on",
                             access_log=args.log_level == "debug")
@@ -166,8 +180,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"serving {', '.join(runs)} on http://{host}:{port} (GET /health is 200 once compiled)",
           file=sys.stderr, flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        agent.store.close()
     return 0
+
+
+def _read_policy(path: str | None, runs: dict[str, str]):
+    """The parsed --policy file checked against the served model names (None: the default policy)."""
+    from infer.agent.route import PolicyError, RoutingPolicy
+    from infer.cli import UserError
+
+    if path is None:
+        return None
+    try:
+        policy = RoutingPolicy.load(path)
+        policy.check_engines(runs)
+        policy.check_environment()
+    except PolicyError as e:
+        raise UserError(f"--policy {e}") from None
+    return policy
+
+
+def _memory_path(path: str | None, runs: dict[str, str]) -> str:
+    """--memory, or agent.sqlite in the first run directory (its parent when given checkpoints/)."""
+    if path is not None:
+        return path
+    first = Path(next(iter(runs.values()))).resolve()
+    return str((first.parent if first.name == "checkpoints" else first) / "agent.sqlite")
+
+
+def _open_store(path: str):
+    from infer.agent.memory import ConversationStore
+    from infer.cli import UserError
+
+    try:
+        return ConversationStore(path)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--memory={path}: {str(e).splitlines()[0]}") from None
+
+
+def _make_agent(policy, engines, store):
+    """The agent layer over the loaded engines: its router and the conversation store."""
+    from infer.agent.route import PolicyError, RoutingPolicy
+    from infer.agent.service import Agent
+    from infer.cli import UserError
+
+    try:
+        router = RoutingPolicy.default(engines) if policy is None else policy.build(engines)
+    except PolicyError as e:
+        raise UserError(f"--policy {e}") from None
+    return Agent(router, store)
 
 
 class _DrainingServer:
