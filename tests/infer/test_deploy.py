@@ -1,0 +1,157 @@
+"""Deployment as documented: the systemd unit of a private server (experiments/deploy/) runs as
+written, and the cloud commands (experiments/deploy/cloud_vm.sh, and every serve / plan command
+line in the README) parse and pass their checks.
+
+The unit is run without systemd: its ExecStart, expanded the way systemd expands `${VAR}` from its
+Environment= lines and EnvironmentFile, with the interpreter, working directory, run directory and
+port replaced by the test's; the server is real, on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.infer.server_helpers import wait_healthy
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "experiments" / "deploy"
+KEY = "deploy-test-key-0123456789abcdef"
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit file: {section: {key: [values, in order]}} (keys may repeat; `\\` continues a line)."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    out: dict[str, dict[str, list[str]]] = {}
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = out.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        section.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """systemd's EnvironmentFile: KEY=VALUE lines, # comments."""
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and line[0] not in "#;":
+            key, _, value = line.partition("=")
+            env[key.strip()] = value.strip().strip('"')
+    return env
+
+
+def expand_exec(command: str, env: dict[str, str]) -> list[str]:
+    """ExecStart's words with `${VAR}` replaced (one word) and a lone `$VAR` word split at whitespace."""
+    words = []
+    for word in shlex.split(command):
+        if re.fullmatch(r"\$[A-Za-z_]\w*", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), word))
+    return words
+
+
+@pytest.fixture(scope="module")
+def unit():
+    return parse_unit((DEPLOY / "jaxlm-serve.service").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A random 1-layer byte-level checkpoint with a 16-token context (two prefill buckets to compile)."""
+    from flax import nnx
+
+    from model import build_model, preset
+    from model.checkpoint import save_model
+    from model.tokenizer import ByteTokenizer
+
+    cfg = dict(vocab_size=257, n_layers=1, d_model=32, n_heads=2, max_seq_len=16)
+    run = tmp_path_factory.mktemp("deploy") / "tiny"
+    save_model(run / "checkpoints", 1, nnx.to_pure_dict(nnx.state(build_model(preset("gpt2-nano", **cfg), seed=0))),
+               {"model": {"preset": "gpt2-nano", **cfg}}, ByteTokenizer().to_json())
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _service_command(unit, overrides: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """ExecStart as argv and the environment systemd would give it (the example EnvironmentFile with
+    `overrides`); the unit's interpreter becomes this one."""
+    service = unit["Service"]
+    env_file = parse_env_file((DEPLOY / "jaxlm-serve.env").read_text())
+    assert service["EnvironmentFile"] == ["/etc/jaxlm/serve.env"] and set(env_file) >= {"JAXLM_API_KEY", "JAXLM_RUN"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXLM_")}
+    for assignment in service.get("Environment", []):
+        key, _, value = assignment.partition("=")
+        env[key] = value
+    env.update(env_file)
+    env.update(overrides)
+    argv = expand_exec(service["ExecStart"][0], env)
+    assert argv[0] == "/opt/jaxlm/.venv/bin/python" and argv[1:4] == ["-m", "infer", "serve"]
+    assert service["WorkingDirectory"] == ["/opt/jaxlm"]
+    return [sys.executable, *argv[1:]], env
+
+
+def test_unit_restarts_on_failure_and_stops_by_draining(unit):
+    service = unit["Service"]
+    assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["2"]
+    assert service.get("KillSignal", ["SIGTERM"]) == ["SIGTERM"] and service["KillMode"] == ["mixed"]
+    drain = float(re.search(r"--drain-timeout (\S+)", service["ExecStart"][0]).group(1))
+    assert float(service["TimeoutStopSec"][0]) > drain + 5  # uvicorn's own 5 s after the drain
+    assert "API_KEY" not in service["ExecStart"][0] and "--api-key" not in service["ExecStart"][0]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_example_environment_file_refuses_to_serve_the_network_without_a_key(unit, small_run):
+    """Installed as shipped (empty key, JAXLM_HOST=0.0.0.0) the server binds nothing and exits 2,
+    which RestartPreventExitStatus keeps systemd from retrying."""
+    argv, env = _service_command(unit, {"JAXLM_RUN": str(small_run), "JAXLM_PORT": str(_free_port())})
+    assert env["JAXLM_HOST"] == "0.0.0.0" and env["JAXLM_API_KEY"] == ""
+    r = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a loopback address" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unit_execstart_serves_with_the_key_and_sigterm_exits_0(unit, small_run):
+    port = _free_port()
+    argv, env = _service_command(unit, {"JAXLM_RUN": str(small_run), "JAXLM_HOST": "127.0.0.1",
+                                        "JAXLM_PORT": str(port), "JAXLM_API_KEY": KEY})
+    assert KEY not in argv  # the key reaches the server through its environment only
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, proc=proc)  # /health is public
+        assert httpx.get(base + "/v1/models", timeout=30).status_code == 401
+        wrong = httpx.get(base + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        models = httpx.get(base + "/v1/models", headers=auth, timeout=30)
+        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["tiny"]
+        r = httpx.post(base + "/v1/completions", headers=auth, timeout=120,
+                       json={"model": "tiny", "prompt": "ab", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGTERM)  # what `systemctl stop` sends (KillMode=mixed: the main process)
+        assert proc.wait(timeout=float(unit["Service"]["TimeoutStopSec"][0])) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
