@@ -11,7 +11,7 @@ const KEY_STORAGE = "jaxlm.apiKey";
 const $ = (id) => document.getElementById(id);
 const els = {
   sessions: $("sessions"), newSession: $("new-session"), title: $("session-title"), backend: $("backend"),
-  error: $("error"), messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"),
+  maxTokens: $("max-tokens"), error: $("error"), messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"),
   stop: $("stop"), keyForm: $("key-form"), key: $("api-key"), forgetKey: $("forget-key"),
 };
 
@@ -328,8 +328,11 @@ els.newSession.addEventListener("click", () => { clearError(); newChat(); });
 
 // ---- sending and streaming ----------------------------------------------------------------------
 
+// A new session's title: the first non-blank line of its first message, without invisible characters (controls,
+// zero-width, bidi, tags: the server refuses a title of nothing else), or none (the server names it).
 function titleFrom(text) {
-  const line = text.trim().split("\n")[0];
+  const line = text.split("\n").map((l) => l.replace(/[\p{Cc}\p{Cf}]/gu, "").trim()).find((l) => l) || "";
+  if (!line) return undefined;
   return line.length > 48 ? line.slice(0, 47) + "\u2026" : line;
 }
 
@@ -375,7 +378,8 @@ async function* sseEvents(response, signal) {
 
 async function send(text) {
   if (!state.current) {
-    const session = await apiJson("POST", "/sessions", {title: titleFrom(text)});
+    const title = titleFrom(text);
+    const session = await apiJson("POST", "/sessions", title ? {title} : {});
     state.current = session.id;
     history.replaceState(null, "", "#session=" + encodeURIComponent(session.id));
     els.title.textContent = session.title || "Untitled";
@@ -384,6 +388,8 @@ async function send(text) {
   const sessionId = state.current;
   const body = {content: text, stream: true};
   if (els.backend.value) body.model = els.backend.value;
+  const maxTokens = els.maxTokens.valueAsNumber;
+  if (Number.isInteger(maxTokens) && maxTokens > 0) body.max_tokens = maxTokens;
 
   const controller = new AbortController();
   const user = addMessage("user", text);
