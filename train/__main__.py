@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, overrides)
         timeline.mark("imports")
         logging.getLogger("train").info("persistent compilation cache (train/compile_cache.py): %s", cache)
-        summary = train(cfg, timeline)
+        summary = train(cfg, timeline, whole_process=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

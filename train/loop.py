@@ -74,10 +74,12 @@ class Trainer:
     """Holds what one run needs; `run()` trains to `cfg.train.steps`. Split from `train()` so tests
     and notebooks can drive the pieces."""
 
-    def __init__(self, cfg: ExperimentConfig, timeline: Timeline | None = None):
+    def __init__(self, cfg: ExperimentConfig, timeline: Timeline | None = None, whole_process: bool = False):
         # where the time goes (timeline.json): `python -m train` passes the process's own, which
         # starts at the process's start; otherwise it starts now
         self.timeline = timeline or Timeline(start=time.time())
+        # the run is all this process does (`python -m train`): it may drop JAX's caches (see run)
+        self.whole_process = whole_process
         self.timeline.listen_to_jax()
         self.timeline.mark("other")
         with self.timeline.phase("setup"):
@@ -227,6 +229,12 @@ class Trainer:
         with tl.phase("peak FLOP/s"):
             peak, peak_source = peak_flops()
         log.info("peak FLOP/s %.3g (%s)", peak, peak_source)
+        if self.whole_process:
+            # The set-up's ~20 compiled programs (initializers, optimizer state, the FLOP/s matmul)
+            # are not called again; dropped now, their ~25 MB of host memory is reused by the train
+            # step's program instead of adding to the peak. Not done when the process may run
+            # other work that would have to compile them again (tests, notebooks).
+            jax.clear_caches()
         heap_watch = None
         if jax.default_backend() == "cpu":
             from sharding.host_memory import HeapWatch, keep_freed_host_memory
@@ -253,6 +261,8 @@ class Trainer:
                 data_state = self.train_iter.get_state()  # the iterator's state after `batch` was drawn
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()
+                if heap_watch is not None and step > start:  # the first step loads its program
+                    heap_watch.before_step()
                 self.state, metrics = self.train_step(self.state, batch, *self.guard.step_args())
                 consumed_state = data_state
                 if step + 1 < tc.steps:  # draw the next batch while the device computes this step
@@ -292,6 +302,8 @@ class Trainer:
         train_time = time.perf_counter() - t_start
         if heap_watch is not None:
             heap_watch.trim()  # the steps' holes, before evaluation and sampling allocate their own
+            log.info("heap: %d trims; waited for a step's temporaries to be freed after %d steps (%.2f s, "
+                     "%d timeouts)", heap_watch.trims, heap_watch.waits, heap_watch.waited_s, heap_watch.timeouts)
 
         # The final checkpoint is written in the background while the final evaluation and the
         # samples run (nothing changes the state any more); then wait for it.
@@ -370,10 +382,11 @@ class Trainer:
         self.metrics.close()
 
 
-def train(cfg: ExperimentConfig, timeline: Timeline | None = None) -> dict:
+def train(cfg: ExperimentConfig, timeline: Timeline | None = None, whole_process: bool = False) -> dict:
     """Train (or resume) the experiment `cfg` and return its summary (also in summary.json); where
-    the time went is in <run>/timeline.json (`timeline`: the process's, from `python -m train`)."""
-    trainer = Trainer(cfg, timeline)
+    the time went is in <run>/timeline.json (`timeline`: the process's, from `python -m train`;
+    `whole_process`: nothing else runs in this process, see Trainer.run)."""
+    trainer = Trainer(cfg, timeline, whole_process)
     try:
         summary = trainer.run()
     finally:

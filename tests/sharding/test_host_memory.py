@@ -123,3 +123,36 @@ print(json.dumps({"first": first, "steady": steady, "grown": grown, "released_mb
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["first"] and not r["steady"] and r["grown"] and r["trims"] == 2
     assert r["released_mb"] > 50, r  # the 64 MB hole went back to the OS
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="mallinfo2 is glibc's")
+def test_heap_watch_waits_until_a_late_freed_block_is_gone():
+    """XLA:CPU frees a step's temporaries on its own thread, just after the outputs are ready: the
+    call after a step waits until the bytes in use are back to those before it (so the next step
+    reuses the block instead of growing the heap), and gives up after TIMEOUT_S when they are not."""
+    script = r"""
+import ctypes, json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from sharding.host_memory import HeapWatch, keep_freed_host_memory
+keep_freed_host_memory()
+libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+watch = HeapWatch()
+watch()                                          # the first call (trims the set-up's holes)
+watch.before_step()
+block = libc.malloc(32 << 20); ctypes.memset(block, 1, 32 << 20)   # a step's temporaries
+threading.Timer(0.02, libc.free, (block,)).start()                 # freed late, on another thread
+t0 = time.perf_counter(); watch(); waited = time.perf_counter() - t0
+watch.before_step(); watch()                     # nothing held: no wait
+watch.before_step()
+kept = libc.malloc(32 << 20); ctypes.memset(kept, 1, 32 << 20)     # still held: a timeout
+t1 = time.perf_counter(); watch(); timed_out_after = time.perf_counter() - t1
+print(json.dumps({"waited": waited, "waits": watch.waits, "timeouts": watch.timeouts,
+                  "timed_out_after": timed_out_after, "timeout": watch.TIMEOUT_S}))
+"""
+    env = {**os.environ, host_memory.ENV: "1", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["waits"] == 2 and r["timeouts"] == 1, r
+    assert r["waited"] >= 0.015, r  # it waited for the other thread's free
+    assert r["timeout"] <= r["timed_out_after"] < r["timeout"] + 0.5, r
