@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--batch", type=int, default=1, help="rows per call the artifact is compiled for (default 1)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none")
+    p.add_argument("--platforms", default="", metavar="P,...",
+                   help="where the artifact may run: cpu, cuda, rocm, tpu, comma-separated (default: this machine's)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-hf", help="turn a Hugging Face GPT-2 / Llama directory into a run directory",
@@ -280,9 +282,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--batch={args.batch} must be a positive integer")
     if args.step is not None and args.step < 0:
         raise UserError(f"--step={args.step} must be >= 0")
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip()) or None
+    if platforms and not set(platforms) <= {"cpu", "cuda", "rocm", "tpu"}:
+        raise UserError(f"--platforms={args.platforms}: each must be one of cpu, cuda, rocm, tpu")
     loaded = load_checkpoint(args.run, args.step)  # user errors (missing run, bad step) as one line
     from infer.export import export_run
 
-    out = export_run(loaded, args.out, batch=args.batch, quantize=None if args.quantize == "none" else args.quantize)
+    out = export_run(loaded, args.out, batch=args.batch, quantize=None if args.quantize == "none" else args.quantize,
+                     platforms=platforms)
     print(f"wrote {out} (run it with: python -m infer.load_exported {out} --chat, --prompt TEXT or --ids ...)")
     return 0

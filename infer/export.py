@@ -103,9 +103,10 @@ def chat_meta(tokenizer_json: str | None) -> dict:
 
 
 def export_run(run, out: str | Path, *, step: int | None = None, batch: int = 1,
-               quantize: str | None = None) -> Path:
-    """Export the latest (or given) checkpoint of a run directory (or a `LoadedModel` already loaded)."""
+               quantize: str | None = None, platforms: tuple[str, ...] | None = None) -> Path:
+    """Export the latest (or given) checkpoint of a run directory (or a `LoadedModel` already loaded),
+    for `platforms` (e.g. ("cpu", "cuda"); default: this machine's)."""
     from model.checkpoint import LoadedModel, load_for_inference
 
     _, model, tokenizer, _ = run if isinstance(run, LoadedModel) else load_for_inference(run, step)
-    return export_model(model, tokenizer.to_json(), out, batch=batch, quantize=quantize)
+    return export_model(model, tokenizer.to_json(), out, batch=batch, quantize=quantize, platforms=platforms)

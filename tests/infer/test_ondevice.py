@@ -169,7 +169,8 @@ def _only_jax_and_numpy(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_artifact(tmp_path_factory):
-    """A tiny chat-capable model (BPE with the chat tokens reserved) exported with int8 weights.
+    """A tiny chat-capable model (BPE with the chat tokens reserved) exported with int8 weights for
+    CPU and CUDA.
     (`python -m infer export --run DIR --quantize int8` is this call after loading the checkpoint;
     tests/infer/test_cli.py runs the command.)"""
     from infer.export import export_model
@@ -177,7 +178,8 @@ def chat_artifact(tmp_path_factory):
 
     tok = BPETokenizer.train(CORPUS, 280, progress=False).with_special_tokens(CHAT_TOKENS)
     model = build_model(preset("gpt2-nano", **MODEL, vocab_size=tok.vocab_size), seed=0)
-    out = export_model(model, tok.to_json(), tmp_path_factory.mktemp("ondevice") / "chat.jaxlm", quantize="int8")
+    out = export_model(model, tok.to_json(), tmp_path_factory.mktemp("ondevice") / "chat.jaxlm", quantize="int8",
+                       platforms=("cpu", "cuda"))  # lowered for a GPU too; these tests run the CPU program
     return model, tok, out
 
 
@@ -228,6 +230,7 @@ def test_artifact_meta_carries_the_tokenizer_and_chat_scaffold(chat_artifact):
 
     meta = ExportedModel(str(chat_artifact[2])).meta
     assert meta["quantize"] == "int8" and json.loads(meta["tokenizer"])["kind"] == "bpe"
+    assert meta["platforms"] == ["cpu", "cuda"]
     chat = meta["chat"]
     assert chat["kind"] == "chatml" and chat["generation_prompt"] == "<|im_start|>assistant\n"
     assert chat["roles"]["user"] == {"header": "<|im_start|>user\n", "end": "<|im_end|>\n"}
@@ -247,6 +250,10 @@ def test_prompt_and_user_errors_of_the_loader(chat_artifact, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(artifact), "--chat", "--max-new-tokens", "0"])
     assert e.value.code == 2
+    from infer import cli
+
+    assert cli.main(["export", "--run", "nowhere", "--out", "x.jaxlm", "--platforms", "cpu,metal"]) == 2
+    assert "--platforms=cpu,metal: each must be one of cpu, cuda, rocm, tpu" in capsys.readouterr().err
 
 
 def test_a_message_longer_than_the_window_is_one_line_and_the_chat_goes_on(chat_artifact):
