@@ -123,12 +123,22 @@ def assemble(system: str | None, history: list[dict], count_tokens: Callable[[li
         return Assembled(messages, ids[start:], ids[:start], n, with_summary and summary is not None)
 
     def search(with_summary: bool) -> Assembled | None:
-        if (got := attempt(starts[0], with_summary)) is not None:
-            return got
-        # The earliest start that fits, by bisection over the starts: a later start keeps fewer turns, so
-        # (for any template where dropping messages never adds tokens) fits whenever an earlier one does.
+        # The earliest start that fits: gallop back from the newest user turn (1, 2, 4, ... starts back),
+        # then bisect between the last start that fitted and the first that did not. A later start keeps
+        # fewer turns, so (for any template where dropping messages never adds tokens) it fits whenever an
+        # earlier one does; and the cost follows the size of the window, not the length of the history.
         # The result is always one that was counted and fits, whatever the template does.
-        lo, hi, best = 1, len(starts) - 1, None  # starts[0] does not fit
+        best, fit, fail, step = None, len(starts), -1, 1
+        i = len(starts) - 1
+        while True:
+            if (got := attempt(starts[i], with_summary)) is None:
+                fail = i
+                break
+            best, fit = got, i
+            if i == 0:
+                return best
+            i, step = max(0, i - step), step * 2
+        lo, hi = fail + 1, fit - 1
         while lo <= hi:
             mid = (lo + hi) // 2
             if (got := attempt(starts[mid], with_summary)) is not None:
