@@ -1,6 +1,7 @@
 """Deployment as documented: the systemd unit of a private server (experiments/deploy/) runs as
-written, and the cloud commands (experiments/deploy/cloud_vm.sh, and every serve / plan command
-line in the README) parse and pass their checks.
+written, and every `python -m infer serve|sample` and `python -m sharding.plan serve` line in the
+README's bash blocks (the cloud VM commands among them) parses and passes the checks the command
+makes before loading anything (a public address needs a key; a mesh must split the model).
 
 The unit is run without systemd: its ExecStart, expanded the way systemd expands `${VAR}` from its
 Environment= lines and EnvironmentFile, with the interpreter, working directory, run directory and
@@ -155,3 +156,88 @@ def test_unit_execstart_serves_with_the_key_and_sigterm_exits_0(unit, small_run)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the cloud commands of the README ------------------------------------------------------------
+
+def documented_commands(markdown: str) -> list[tuple[list[str], dict[str, str]]]:
+    """(argv after `python -m`, environment) of every `python -m infer serve|sample` and
+    `python -m sharding.plan serve` line in the bash blocks of `markdown`; `export NAME=...` lines
+    and `NAME=... python` prefixes set the environment (a `$(...)` value stands for a secret)."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        env: dict[str, str] = {}
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\$\([^)]*\)", "secret-0123456789abcdef", line)
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:  # not a shell line we check (an unbalanced quote in prose)
+                continue
+            for sep in ("&", "&&", "|", ";"):
+                if sep in words:
+                    words = words[:words.index(sep)]
+            if words[:1] == ["export"]:
+                env.update(w.split("=", 1) for w in words[1:] if "=" in w)
+                continue
+            line_env = dict(env)
+            while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
+                key, value = words.pop(0).split("=", 1)
+                line_env[key] = value
+            if words[:3] in (["python", "-m", "infer"], ["python", "-m", "sharding.plan"]) and \
+                    words[3:4] in (["serve"], ["sample"]) and not (words[2] == "sharding.plan" and words[3] != "serve"):
+                found.append((words[2:], line_env))
+    return found
+
+
+def _check_command(argv: list[str], env: dict[str, str], capsys, monkeypatch) -> None:
+    from infer.cli import build_parser
+    from infer.server.cli import check_serve_args, parse_runs
+    from infer.sharded import serving_layout
+    from model.config import PRESETS, preset
+    from sharding import plan
+
+    if argv[0] == "sharding.plan":
+        assert plan.main(argv[1:]) == 0, capsys.readouterr().err
+        assert "per device" in capsys.readouterr().out
+        return
+    try:
+        args = build_parser().parse_args(argv[1:])
+    except SystemExit:
+        raise AssertionError(f"python -m {' '.join(argv)} does not parse: {capsys.readouterr().err}") from None
+    if args.command == "serve":
+        monkeypatch.delenv("JAXLM_API_KEY", raising=False)
+        if "JAXLM_API_KEY" in env:
+            monkeypatch.setenv("JAXLM_API_KEY", env["JAXLM_API_KEY"])
+        check_serve_args(args)  # numbers in range; a non-loopback --host has a key
+        runs = parse_runs(args.run).values()
+    else:
+        runs = [args.run]
+    if args.mesh:  # a run named after a preset: the mesh must split that model (8 simulated devices)
+        for run in runs:
+            for name in (n for n in PRESETS if n in Path(run).name):
+                serving_layout(preset(name), args.mesh, args.rules, getattr(args, "slots", None))
+
+
+def test_every_serve_and_plan_command_in_the_readme_parses(capsys, monkeypatch):
+    commands = documented_commands((ROOT / "README.md").read_text())
+    assert len(commands) >= 5 and any(argv[0] == "sharding.plan" for argv, _ in commands)
+    for argv, env in commands:
+        _check_command(argv, env, capsys, monkeypatch)
+
+
+def test_the_command_check_catches_what_would_fail(capsys, monkeypatch):
+    """A public bind without a key, a mesh that cannot split the model and a bad flag all fail."""
+    from infer.cli import UserError
+    from sharding.rules import ShardingError
+
+    cases = [("python -m infer serve --run runs/x --host 0.0.0.0", UserError),
+             ("python -m infer serve --run runs/llama3-8b --mesh tensor=16 --slots 8", ShardingError),
+             ("python -m infer serve --run runs/x --threads 8", AssertionError)]
+    for line, error in cases:
+        [(argv, env)] = documented_commands(f"```bash\n{line}\n```")
+        with pytest.raises(error):
+            _check_command(argv, env, capsys, monkeypatch)
+    [(argv, env)] = documented_commands("```bash\nexport JAXLM_API_KEY=$(openssl rand -hex 32)\n"
+                                        "python -m infer serve --run runs/x --host 0.0.0.0 \\\n  --port 8000 &\n```")
+    assert argv[-2:] == ["--port", "8000"] and env["JAXLM_API_KEY"].startswith("secret")
+    _check_command(argv, env, capsys, monkeypatch)
