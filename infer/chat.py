@@ -144,7 +144,7 @@ class RemoteAgentChat:
 
     def turn(self, session: str, text: str, *, model: str | None, max_tokens: int, temperature: float,
              seed: int) -> Iterator[dict]:
-        body = {"content": text, "max_tokens": max_tokens, "temperature": temperature, "stream": True}
+        body = {"content": text, "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True}
         if model:
             body["model"] = model
         with self.client.stream("POST", f"/sessions/{session}/messages", json=body) as r:

@@ -30,6 +30,7 @@ MODEL = dict(vocab_size=257, n_layers=1, d_model=32, n_heads=2, max_seq_len=CONT
 _lock = threading.RLock()
 _checkpoint: Path | None = None
 _server: "InProcessServer | None" = None
+_agent_server: "InProcessServer | None" = None
 
 
 def tiny_checkpoint() -> Path:
@@ -70,8 +71,9 @@ class InProcessServer:
     """create_app over one engine, served by uvicorn in a daemon thread on a free loopback port."""
 
     def __init__(self, *, slots: int = 4, max_queue: int = 16, api_key: str | None = API_KEY, name: str = "tiny",
-                 model=None, tokenizer=None):
-        """Serves `model` (default: the tiny checkpoint's, loaded as `python -m infer serve` does)."""
+                 model=None, tokenizer=None, agent: bool = False):
+        """Serves `model` (default: the tiny checkpoint's, loaded as `python -m infer serve` does); with
+        `agent`, also the agent layer (the chat page, /v1/agent/*) over its engine, sessions in a temp SQLite file."""
         import uvicorn
 
         from infer.engine import Engine
@@ -84,7 +86,15 @@ class InProcessServer:
         self.tokenizer = tokenizer
         self.model = model
         self.engine = Engine(model, tokenizer, slots=slots, max_queue=max_queue, name=name)
-        self.app = create_app([self.engine], api_key=api_key, request_timeout_s=120)
+        self.agent = None
+        if agent:
+            from infer.agent.memory import ConversationStore
+            from infer.agent.route import RoutingPolicy
+            from infer.agent.service import Agent
+
+            store = ConversationStore(Path(tempfile.mkdtemp(prefix="jaxlm-agent-")) / "sessions.sqlite")
+            self.agent = Agent(RoutingPolicy.default({name: self.engine}), store, max_tokens_default=48)
+        self.app = create_app([self.engine], api_key=api_key, request_timeout_s=120, agent=self.agent)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
@@ -107,6 +117,16 @@ def shared_server() -> InProcessServer:
             _server = InProcessServer()
             atexit.register(_server.stop)
         return _server
+
+
+def shared_agent_server() -> InProcessServer:
+    """Like shared_server(), with the agent layer mounted (`.agent`: its Agent; replies 48 tokens by default)."""
+    global _agent_server
+    with _lock:
+        if _agent_server is None:
+            _agent_server = InProcessServer(agent=True)
+            atexit.register(_agent_server.stop)
+        return _agent_server
 
 
 def auth() -> dict[str, str]:

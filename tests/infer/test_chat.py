@@ -1,74 +1,123 @@
-"""`python -m infer chat`: the terminal chat, on a checkpoint (its own engine) and against a running
-server (the real one, on loopback), through standard input."""
+"""`python -m infer chat`: the terminal chat on the agent layer, on a checkpoint (its own engine, through
+infer.agent.service.Agent) and against running servers (the real one, on loopback): one with the agent
+API (sessions on the server) and a plain OpenAI-compatible one; through standard input and through a
+pseudo-terminal."""
 
 from __future__ import annotations
 
 import io
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 
-import pytest
 from openai import OpenAI
 
-from infer.chat import LocalChat, RemoteChat, chat_loop, fit_to_window
-from tests.infer.server_helpers import API_KEY, ROOT, shared_server, tiny_checkpoint
+from infer.chat import LocalAgentChat, chat_loop
+from tests.infer.server_helpers import API_KEY, ROOT, shared_agent_server, shared_server, tiny_checkpoint
 
 ONE = {"role": "user", "content": "hello"}
 
 
-def test_fit_to_window_keeps_the_system_message_and_the_newest_turns():
-    system = {"role": "system", "content": "S"}
-    turns = [{"role": r, "content": f"{r}{i}"} for i in range(4) for r in ("user", "assistant")] + [ONE]
-
-    def count(messages):  # 10 tokens a message
-        return 10 * len(messages)
-
-    kept = fit_to_window([system] + turns, count, 40)
-    assert kept == [system, turns[-3], turns[-2], turns[-1]]  # starts at a user turn
-    assert fit_to_window([ONE], count, 10) == [ONE]
-    with pytest.raises(ValueError, match="does not fit the model's context"):
-        fit_to_window([system, ONE], count, 15)
+def greedy_reply(base: str) -> str:
+    client = OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0)
+    out = client.chat.completions.create(model="tiny", messages=[ONE], max_tokens=12, temperature=0)
+    return out.choices[0].message.content
 
 
-def run_loop(backend, text: str, **kw) -> str:
+def run_loop(chat, text: str) -> str:
     out = io.StringIO()
-    chat_loop(backend, iter(io.StringIO(text).readline, ""), out, system=kw.get("system"), max_tokens=12,
-              temperature=0.0, seed=0)
+    chat_loop(chat, iter(io.StringIO(text).readline, ""), out, system=None, max_tokens=12, temperature=0.0, seed=0)
     return out.getvalue()
 
 
-def test_local_and_remote_chat_give_the_servers_greedy_replies():
-    srv = shared_server()
-    client = OpenAI(base_url=srv.base + "/v1", api_key=API_KEY, max_retries=0)
-    want = client.chat.completions.create(model="tiny", messages=[ONE], max_tokens=12, temperature=0)
-    want = want.choices[0].message.content
-
-    remote = RemoteChat(srv.base + "/v1", None, API_KEY)
+def test_local_chat_runs_on_the_agent_with_a_session_per_conversation():
+    want = greedy_reply(shared_server().base)
+    chat = LocalAgentChat(str(tiny_checkpoint()), None, max_tokens=12)  # its own engine over the same checkpoint
     try:
-        assert "".join(remote.reply([ONE], 12, 0.0, 0)) == want
-        transcript = run_loop(remote, "hello\n/reset\nhello\n")
+        transcript = run_loop(chat, "hello\n\u200b\u200d\n/reset\nhello\n")
+        sessions = chat.store.list()
+        stored = [chat.store.messages(s["id"]) for s in sessions]
     finally:
-        remote.close()
-    # the same first turn before and after /reset
-    assert transcript.count("assistant> " + want + "\n") == 2 and "(new conversation)" in transcript
+        chat.close()
+    # the same greedy reply as the server's chat endpoint, before and after /reset, each with its route
+    assert transcript.count("assistant> " + want + "\n(tiny: ") == 2, transcript
+    assert "(new conversation)" in transcript
+    # the sanitizer refused the invisible-only line in one line, and the chat went on
+    assert transcript.count("error: ") == 1 and "no visible text" in transcript
+    # /reset started a second session in the agent's store; each holds its own turn
+    assert len(sessions) == 2
+    assert [[(m["role"], m["content"]) for m in msgs] for msgs in stored] == [[("user", "hello"),
+                                                                                ("assistant", want)]] * 2
+    assert stored[0][1]["meta"]["backend"] == "tiny" and stored[0][1]["meta"]["reason"]
 
-    local = LocalChat(str(tiny_checkpoint()), None)  # its own engine over the same checkpoint
-    try:
-        assert "".join(local.reply([ONE], 12, 0.0, 0)) == want
-        assert run_loop(local, "hello\n").count("assistant> " + want + "\n") == 1
-    finally:
-        local.close()
 
-
-def test_chat_command_against_a_server_through_stdin():
-    srv = shared_server()
+def chat_command(base: str, stdin: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAXLM_API_KEY": API_KEY}
-    r = subprocess.run([sys.executable, "-m", "infer", "chat", "--url", srv.base + "/v1", "--temperature", "0",
-                        "--max-tokens", "8"], input="hello\nsecond turn\n/exit\nnever read\n", capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "infer", "chat", "--url", base + "/v1", "--temperature", "0",
+                           "--max-tokens", "12"], input=stdin, capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+
+
+def test_chat_command_against_servers_through_stdin():
+    want = greedy_reply(shared_server().base)
+    # a server with the agent API: the turns land in a session there, routed, with the reason printed
+    agent = shared_agent_server()
+    before = {s["id"] for s in agent.agent.store.list()}
+    r = chat_command(agent.base, "hello\n/exit\nnever read\n")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("assistant> ") == 2 and "Traceback" not in r.stderr
+    assert r.stdout.count("assistant> ") == 1 and "assistant> " + want + "\n(tiny: " in r.stdout, r.stdout
+    new = [s for s in agent.agent.store.list() if s["id"] not in before]
+    assert len(new) == 1
+    assert [m["content"] for m in agent.agent.store.messages(new[0]["id"])] == ["hello", want]
+    # a plain OpenAI-compatible server (no /v1/agent): /v1/chat/completions, the conversation kept here
+    r = chat_command(shared_server().base, "hello\nsecond turn\n/exit\nnever read\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("assistant> ") == 2 and "assistant> " + want + "\n" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:
+    out, deadline = b"", time.monotonic() + timeout
+    while marker not in out:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{marker!r} not seen in {out[-500:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_chat_command_in_a_terminal():
+    """Interactive use: a prompt, a streamed reply with its route, /reset, /exit."""
+    agent = shared_agent_server()
+    want = greedy_reply(shared_server().base)
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "infer", "chat", "--url", agent.base + "/v1", "--temperature",
+                             "0", "--max-tokens", "12"], stdin=child, stdout=child, stderr=child, cwd=ROOT,
+                            env={**os.environ, "JAXLM_API_KEY": API_KEY}, close_fds=True)
+    os.close(child)
+    try:
+        read_until(main, b"you> ")
+        os.write(main, b"hello\n")
+        seen = read_until(main, b"you> ").decode(errors="replace").replace("\r\n", "\n")
+        assert "assistant> " + want + "\n(tiny: " in seen, seen
+        os.write(main, b"/reset\n")
+        assert b"(new conversation)" in read_until(main, b"you> ")
+        os.write(main, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main)
 
 
 def test_chat_command_errors_are_one_line(tmp_path):
