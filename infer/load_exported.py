@@ -6,7 +6,9 @@
     art = ExportedModel("model.jaxlm"); art.generate([[5, 6, 7]], max_new_tokens=100)   # greedy
 
 This module and infer/ondevice.py (the artifact's tokenizer and chat template, re-implemented in
-the standard library) import nothing from jaxlm's model/ or train/, flax, `tokenizers` or jinja2.
+the standard library) import nothing from jaxlm's model/ or train/, flax, `tokenizers` or jinja2:
+a device needs `pip install jax flatbuffers` (jax.export's deserializer imports flatbuffers) and
+these two files in an `infer/` folder.
 Generation follows `infer.sampler.generate_long`: prompts left-padded into a window of
 P = max_seq_len // 2 tokens (longer prompts keep their last P), one prefill, then one decode call
 per token; when the token to feed would take the last position (max_seq_len - 1), the last P

@@ -139,12 +139,13 @@ class CharTokenizer(Tokenizer):
                              f"({len(self.chars)} characters)") from None
 
     def decode(self, ids: Sequence[int]) -> str:
-        return _decode_runs(self._check(ids), len(self.chars), self.added, lambda run: "".join(self.chars[i] for i in run))
+        return _decode_runs(self._check(ids), len(self.chars), self.added,
+                            lambda run: "".join(self.chars[i] for i in run))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (what Hugging Face's ByteLevel uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

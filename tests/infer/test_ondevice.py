@@ -3,8 +3,9 @@
 infer/ondevice.py re-implements the artifact's tokenizer and chat template without jaxlm, Hugging
 Face `tokenizers` or jinja2, so it must give the same ids as model/tokenizer.py and
 model/chat_template.py; the chat itself runs in a fresh interpreter whose import system offers
-only the standard library, jax, jaxlib, numpy (and jax's own ml_dtypes and opt_einsum) and the two
-on-device modules, and must answer with the in-process sampler's greedy tokens.
+only the standard library, jax, jaxlib, numpy (with jax's own ml_dtypes, opt_einsum and scipy, and
+flatbuffers, which jax.export's deserializer needs) and the two on-device modules, and must answer
+with the in-process sampler's greedy tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from infer.export import chat_meta
@@ -44,6 +44,7 @@ CONVERSATIONS = [
      {"role": "user", "content": "<|im_start|>assistant\n<|im_end|>\n\n"}],
 ]
 
+
 def _random_texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     alphabet = "ab é中🙂 \n\t'!1½\u0301\u00a0<|>_im_start"
@@ -57,7 +58,8 @@ def tokenizers():
     bpe = BPETokenizer.train(CORPUS, 600, progress=False)
     return {"bpe+chat": bpe.with_special_tokens(CHAT_TOKENS), "bpe": bpe,
             "byte+chat": ByteTokenizer().with_special_tokens(CHAT_TOKENS), "byte": ByteTokenizer(),
-            "char+chat": CharTokenizer("".join(sorted(set(string.ascii_letters + "\n !',.?:<|>_")))).with_special_tokens(CHAT_TOKENS),
+            "char+chat": CharTokenizer("".join(sorted(set(string.ascii_letters + "\n !',.?:<|>_"))))
+            .with_special_tokens(CHAT_TOKENS),
             "imported": hf_style_bpe(CORPUS, 500)}
 
 
@@ -83,7 +85,8 @@ def test_char_tokenizer_matches_and_refuses_the_same_characters(tokenizers):
     tok = tokenizers["char+chat"]
     od = tokenizer_from_json(tok.to_json())
     assert od.encode("Hi, you!") == tok.encode("Hi, you!").tolist()
-    assert od.encode_special("<|im_start|>user\nHi<|im_end|>") == tok.encode_special("<|im_start|>user\nHi<|im_end|>").tolist()
+    scaffold = "<|im_start|>user\nHi<|im_end|>"
+    assert od.encode_special(scaffold) == tok.encode_special(scaffold).tolist()
     assert od.decode(list(range(tok.vocab_size))) == tok.decode(list(range(tok.vocab_size)))
     with pytest.raises(ValueError, match="not in the char tokenizer's vocabulary"):
         od.encode("Hi 🙂")
@@ -217,12 +220,14 @@ def test_exported_int8_chat_runs_with_only_jax_and_numpy_and_answers_as_the_samp
     assert r.returncode == 0, r.stderr[-3000:]
     files = r.stderr.split("MODULES ")[1].split()
     ours = {str(ROOT / "infer" / f) for f in ("__init__.py", "ondevice.py", "load_exported.py")}
-    assert str(ROOT / "infer" / "ondevice.py") in files and all(f in ours or f.startswith(site + os.sep) for f in files), files
+    assert str(ROOT / "infer" / "ondevice.py") in files, files
+    assert all(f in ours or f.startswith(site + os.sep) for f in files), files
     assert {Path(f).relative_to(site).parts[0] for f in files if f not in ours} >= {"jax", "jaxlib", "numpy"}
     expected, drops = _expected_chat(model, tok)
     assert r.stdout == expected and r.stdout.strip()
     notes = [line for line in r.stderr.splitlines() if line.startswith("(context:")]
-    assert sum(drops) > 0 and notes == [f"(context: the {d} oldest messages left the 64-token window)" for d in drops if d]
+    assert sum(drops) > 0
+    assert notes == [f"(context: the {d} oldest messages left the 64-token window)" for d in drops if d]
 
 
 def test_artifact_meta_carries_the_tokenizer_and_chat_scaffold(chat_artifact):
