@@ -87,7 +87,8 @@ def test_resolved_config_rebuilds_the_run(uninterrupted):
 
 def test_same_seed_same_parameters(uninterrupted, tmp_path):
     _, summary = uninterrupted
-    again = train(tiny_config(tmp_path, "again"))
+    # as `python -m train` runs it (JAX's caches dropped after the set-up): the same parameters
+    again = train(tiny_config(tmp_path, "again"), whole_process=True)
     assert again["params_sha256"] == summary["params_sha256"]
     other = train(tiny_config(tmp_path, "other_seed", "train.seed=1", "train.steps=4", "train.sample_tokens=0"))
     assert other["params_sha256"] != summary["params_sha256"]
