@@ -250,6 +250,12 @@ def test_prompt_and_user_errors_of_the_loader(chat_artifact, capsys):
     assert main([str(artifact), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
     ids = ExportedModel(str(artifact)).generate([tok.encode("Hello")], 5)[0]
     assert capsys.readouterr().out == tok.decode(ids) + "\n"
+    sampled = []
+    for seed in (3, 3):  # sampling at a temperature: the same seed, the same text
+        assert main([str(artifact), "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "1.5",
+                     "--seed", str(seed)]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1]
     assert main([str(artifact), "--prompt", "", "--max-new-tokens", "5"]) == 2
     assert "prompts must not be empty" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
@@ -272,3 +278,45 @@ def test_a_message_longer_than_the_window_is_one_line_and_the_chat_goes_on(chat_
     assert chat(model, text, max_new_tokens=3, stdin=io.StringIO("x" * 400 + "\nHi\n"), stdout=out, stderr=err) == 0
     assert err.getvalue().startswith("error: the message is") and "window holds 64" in err.getvalue()
     assert len(out.getvalue().splitlines()) == 1  # the second line was answered
+
+
+class _Scripted:
+    """Stands in for ExportedModel.stream with fixed token ids: what a model generates is not
+    something a random model can be made to say (the text handling is what is under test)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def stream(self, prompt, max_new_tokens, temperature=0.0, rng=None):
+        yield from self.ids[:max_new_tokens]
+
+
+class _Chunks(list):
+    def write(self, s):
+        if s:
+            self.append(s)
+
+    def flush(self):
+        pass
+
+
+def test_reply_streams_whole_characters_and_never_shows_a_stop(tokenizers):
+    from infer.load_exported import reply
+
+    tok = tokenizers["byte+chat"]
+    text = _on_device(tok)
+    im_end = tok.special_tokens["<|im_end|>"]
+    cases = [  # (generated ids, the reply)
+        (list("héllo wörld".encode()) + [im_end] + list(b"never"), "héllo wörld"),  # a stop id
+        (list("ok <|im_end|> after".encode()), "ok "),  # the stop string typed out byte by byte
+        (list("<|im_en".encode()) + [im_end], "<|im_en"),  # a stop string's prefix is text after all
+        (list("€".encode())[:2], "\ufffd"),  # the generation ended inside a UTF-8 character
+    ]
+    for ids, expected in cases:
+        out = _Chunks()
+        assert reply(_Scripted(ids), text, [1], 64, out) == expected
+        assert "".join(out) == expected
+        assert all("\ufffd" not in c for c in out[:-1])  # no half character shown while streaming
+    out = _Chunks()
+    reply(_Scripted(list("a€b".encode())), text, [1], 64, out)
+    assert out == ["a", "€", "b"]  # one chunk per complete character, none for the € bytes before the last
