@@ -23,6 +23,11 @@ Design (after JetStream's prefill / insert / generate split, in one thread):
   limits and frees finished slots, so host work overlaps device work. A request that ended at step
   k rides step k+1 too; that token is dropped, and a waiting request takes the slot before k+2.
   When every active row is greedy the step skips the sampling branch at run time (lax.cond).
+- Structured output (SamplingOptions.grammar, infer/structured.py): the step always takes a (B, V)
+  mask of allowed tokens (logits of the others -> -inf before choosing, greedy or sampled); with no
+  grammar running it is one cached all-True device array, so no program variant is added and
+  nothing is sent per step. A grammar's mask depends on the token just chosen, so while such a
+  request runs the loop emits each step before building the next (not pipelined).
 - Sampling settings (temperature, top-k, top-p, min-p, repetition penalty, seed) are per-slot
   arrays: requests with different settings share one compiled step. The step exists in four
   variants, all compiled at start-up: with or without the top-k/top-p sort (only when some slot
@@ -68,6 +73,7 @@ from infer.quantize import dequantize_params, prepare
 from infer.sampler import MIN_BUCKET, bucket_length, penalize_repeats, sample_logits
 from infer.sharded import Layout, constrain_cache, constrain_rows, tracing
 from infer.stops import StopMatcher
+from infer.structured import Grammar
 from model.transformer import KVCache, per_layer_params
 
 log = logging.getLogger(__name__)
@@ -95,7 +101,10 @@ class SamplingOptions:
     engine picks one. stop: strings (trimmed from the output); stop_token_ids: ids that end the
     request besides the tokenizer's EOS. logprobs k: each generated token's logprob and its k most
     likely alternatives. echo_logprobs: the logprob of every prompt token (the first is None).
-    max_tokens 0 generates nothing (with echo_logprobs: score the prompt only)."""
+    max_tokens 0 generates nothing (with echo_logprobs: score the prompt only). grammar: a compiled
+    response_format (infer/structured.py, for this engine's tokenizer): each token is chosen among
+    those the grammar allows; the request ends ("stop") when the grammar is complete, or is cut by
+    max_tokens ("length", the output then incomplete) like any other."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -108,6 +117,7 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
     echo_logprobs: bool = False
+    grammar: Grammar | None = None
 
 
 @dataclasses.dataclass
@@ -269,9 +279,11 @@ def _sample(logits, greedy, s: SlotState, filtered: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "filtered", "top", "layout"), donate_argnames=("state",))
-def _decode(rest, layers, state: SlotState, active, *, graphdef, filtered: bool, top: bool,
+def _decode(rest, layers, state: SlotState, active, allowed, *, graphdef, filtered: bool, top: bool,
             layout: Layout | None = None):
-    """One token for every slot. active (B,) bool: idle slots keep their index and count.
+    """One token for every slot. active (B,) bool: idle slots keep their index and count. allowed
+    (B, V) bool: the tokens each row may choose (all True but for rows under a grammar; the
+    logprobs stay those of the model's own distribution).
     Returns the state and (token (B,), its logprob (B,)[, top ids (B, k), top logprobs (B, k)])."""
     model, layers = _materialize(graphdef, rest, layers)
     B = state.token.shape[0]
@@ -280,7 +292,7 @@ def _decode(rest, layers, state: SlotState, active, *, graphdef, filtered: bool,
         logits, cache = model(state.token[:, None], c.index[:, None], cache=c, layer_params=layers)  # (B, 1, V)
     logits = logits[:, 0].astype(jnp.float32)  # (B, V)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    token = _choose(logits, state, filtered, active)
+    token = _choose(jnp.where(allowed, logits, -jnp.inf), state, filtered, active)
     token_lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     cache = dataclasses.replace(cache, index=jnp.where(active, c.index + 1, c.index))
     seen = state.seen.at[jnp.arange(B), token].set(True)
@@ -345,6 +357,8 @@ def validate_options(o: SamplingOptions, vocab_size: int) -> SamplingOptions:
         raise EngineError(f"logprobs={o.logprobs!r} must be None or an integer in [0, {MAX_LOGPROBS}]")
     if not isinstance(o.echo_logprobs, (bool, np.bool_)):
         raise EngineError(f"echo_logprobs={o.echo_logprobs!r} must be true or false")
+    if o.grammar is not None and not isinstance(o.grammar, Grammar):
+        raise EngineError(f"grammar must be an infer.structured.Grammar or None, not {type(o.grammar).__name__}")
     return dataclasses.replace(o, stop=tuple(stop), stop_token_ids=tuple(int(i) for i in ids))
 
 
@@ -360,6 +374,7 @@ class _Request:
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(options.stop)
         self.stop_ids = frozenset(options.stop_token_ids)
+        self.constraint = None if options.grammar is None else options.grammar.matcher()  # infer.structured.Matcher
         self.completion = 0
         self.prompt_logprobs: list | None = None  # sent with the first event
         self.slot: int | None = None
@@ -420,6 +435,7 @@ class Engine:
         self._top = np.zeros(self.slots, bool)
         self.steps = 0
         self._pending: tuple | None = None  # (outputs, slot requests) of the step in flight
+        self._all_allowed: jax.Array | None = None  # (B, V) True on device: the mask when no slot has a grammar
 
     # ---------------------------------------------------------------- device programs
 
@@ -432,6 +448,7 @@ class Engine:
             return
         t0 = time.perf_counter()
         self._state = self._new_state()
+        self._all_allowed = jax.device_put(np.ones((self.slots, self.vocab_size), bool), self._state.seen.sharding)
         self._compile_all()
         for Lp in self.buckets:  # run each once too (jit-cache hits now): nothing is left for a request
             self._state, lp = _prefill(self._rest, self._layers, self._state, *self._prefill_inputs(Lp),
@@ -439,8 +456,8 @@ class Engine:
             jax.block_until_ready(lp)
         active = np.zeros(self.slots, bool)
         for filtered, top in itertools.product((False, True), repeat=2):
-            self._state, out = _decode(self._rest, self._layers, self._state, active, graphdef=self._graphdef,
-                                       filtered=filtered, top=top, layout=self.layout)
+            self._state, out = _decode(self._rest, self._layers, self._state, active, self._all_allowed,
+                                       graphdef=self._graphdef, filtered=filtered, top=top, layout=self.layout)
             jax.block_until_ready(out)
         self._state = self._new_state()
         jax.block_until_ready(self._state)
@@ -635,8 +652,8 @@ class Engine:
         params = (spec(self._rest), spec(self._layers), spec(self._state))
         jobs = [functools.partial(_prefill.lower, *params, *spec(self._prefill_inputs(Lp)), graphdef=self._graphdef,
                                   layout=self.layout) for Lp in self.buckets]
-        jobs += [functools.partial(_decode.lower, *params, spec(np.zeros(self.slots, bool)), graphdef=self._graphdef,
-                                   filtered=f, top=t, layout=self.layout)
+        jobs += [functools.partial(_decode.lower, *params, spec(np.zeros(self.slots, bool)), spec(self._all_allowed),
+                                   graphdef=self._graphdef, filtered=f, top=t, layout=self.layout)
                  for f, t in itertools.product((False, True), repeat=2)]
         with concurrent.futures.ThreadPoolExecutor(max(2, min(len(jobs), os.cpu_count() or 2))) as pool:
             for future in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
@@ -664,12 +681,20 @@ class Engine:
         """Dispatch the next decode step, then turn the previous step's tokens into events while the
         device computes (the step chain stays on device: each step feeds the tokens the one before
         chose). A request that ended at the previous step still rides this one; its extra token is
-        dropped, and its slot is free for the next admission."""
+        dropped, and its slot is free for the next admission.
+
+        While a request under a grammar runs, the loop is not pipelined: its mask for the next token
+        depends on the token just chosen, so the previous step's tokens are turned into events (and
+        fed to the matchers) before the next step is built and dispatched."""
         pending, self._pending = self._pending, None
+        if pending is not None and any(r is not None and r.constraint is not None for r in self._slot_req):
+            self._emit_step(*pending)
+            pending = None
+        allowed = self._allowed()
         active = np.array([r is not None for r in self._slot_req])
         if active.any():
-            self._state, out = _decode(self._rest, self._layers, self._state, active, graphdef=self._graphdef,
-                                       filtered=bool(np.any(self._filtered & active)),
+            self._state, out = _decode(self._rest, self._layers, self._state, active, allowed,
+                                       graphdef=self._graphdef, filtered=bool(np.any(self._filtered & active)),
                                        top=bool(np.any(self._top & active)), layout=self.layout)
             for x in out:
                 x.copy_to_host_async()  # ready by the time the next call reads it
@@ -677,6 +702,24 @@ class Engine:
             self.steps += 1
         if pending is not None:
             self._emit_step(*pending)
+
+    def _allowed(self) -> jax.Array:
+        """The (B, V) mask of the next step: the cached all-True array when no running request has a
+        grammar (no transfer), else each constrained row from its matcher. A matcher that fails (its
+        llguidance limits ran out mid-reply) ends its request with finish_reason "error"."""
+        constrained = [(slot, r) for slot, r in enumerate(self._slot_req) if r is not None and r.constraint is not None]
+        if not constrained:
+            return self._all_allowed
+        allowed = np.ones((self.slots, self.vocab_size), bool)  # fresh: the device may alias host memory
+        for slot, r in constrained:
+            if not r.constraint.fill_mask(allowed[slot]):
+                log.warning("engine %s: request %d: grammar failed mid-reply: %s", self.name, r.handle.id,
+                            r.constraint.error or "no token allowed")
+                self._finish(r, r.matcher.push(r.decoder.flush())[0], [], None, "error", time.perf_counter())
+                allowed[slot] = True
+            elif r.constraint.accepting:  # a whole value: the request's own stop ids may end it too
+                allowed[slot, [t for t in r.stop_ids if t < self.vocab_size]] = True
+        return jax.device_put(allowed, self._all_allowed.sharding)
 
     def _emit_step(self, out, reqs: list):
         """The events of one decode step's tokens, for the requests that held each slot when it ran
@@ -698,6 +741,14 @@ class Engine:
 
     def _advance(self, req: _Request, t: int, lp, now: float):
         req.completion += 1
+        complete = False  # the grammar took its last token: the request ends with this one
+        if req.constraint is not None and t != self.eos_id and t not in req.stop_ids:
+            if not req.constraint.consume(t):  # a token the mask did not allow: never expected
+                log.warning("engine %s: request %d: grammar refused token %d: %s", self.name, req.handle.id, t,
+                            req.constraint.error)
+                self._finish(req, req.matcher.push(req.decoder.flush())[0], [t], lp, "error", now)
+                return
+            complete = req.constraint.complete
         if t == self.eos_id or t in req.stop_ids:
             text, hit = req.matcher.push(req.decoder.flush())
             reason = "stop"
@@ -705,10 +756,10 @@ class Engine:
         else:
             text, hit = req.matcher.push(req.decoder.push(t))
             reason = "stop" if hit else None
-            if not hit and req.completion >= req.options.max_tokens:
+            if not hit and (complete or req.completion >= req.options.max_tokens):
                 tail, hit = req.matcher.push(req.decoder.flush())
                 text += tail + ("" if hit else req.matcher.flush())
-                reason = "stop" if hit else "length"
+                reason = "stop" if hit or complete else "length"
         if reason is None:
             self._emit(req, Event(text, [t], lp, self._take_prompt_lp(req), None, len(req.prompt), req.completion,
                                   now))

@@ -50,6 +50,7 @@ class ServedModel:
     engine: Any
     chat_template: str | None = None
     created: int = field(default_factory=now)
+    grammars: Any = None  # infer.structured.GrammarCompiler, made at the first response_format
 
     @property
     def tokenizer(self):
@@ -238,15 +239,32 @@ def _max_tokens(served: ServedModel, prompt_len: int, asked: int | None, default
     return asked
 
 
+async def _grammar(served: ServedModel, response_format):
+    """The compiled response_format (None for text): compiled in the compiler's own threads under
+    its time limit, never on the event loop or the engine thread; a bad schema is a 400."""
+    if response_format is None or response_format.type == "text":
+        return None
+    from infer.structured import GrammarCompiler, StructuredOutputError
+
+    if served.grammars is None:
+        served.grammars = GrammarCompiler(served.tokenizer)
+    try:
+        return await served.grammars.compile_async(response_format.as_dict())
+    except StructuredOutputError as e:
+        raise ProtocolError(str(e), param=e.param, code="invalid_response_format") from None
+
+
 def _options(req, served: ServedModel, max_tokens: int, index: int, extra_stop: tuple[str, ...] = (),
-             stop_ids: tuple[int, ...] = (), logprobs: int | None = None, echo_logprobs: bool = False):
+             stop_ids: tuple[int, ...] = (), logprobs: int | None = None, echo_logprobs: bool = False,
+             grammar=None):
     from infer.engine import SamplingOptions
 
     return SamplingOptions(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_k=min(req.top_k, served.tokenizer.vocab_size), top_p=1.0 if req.top_p is None else req.top_p,
         min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=choice_seed(req.seed, index),
-        stop=tuple(req.stop) + extra_stop, stop_token_ids=stop_ids, logprobs=logprobs, echo_logprobs=echo_logprobs)
+        stop=tuple(req.stop) + extra_stop, stop_token_ids=stop_ids, logprobs=logprobs, echo_logprobs=echo_logprobs,
+        grammar=grammar)
 
 
 def _check_capacity(served: ServedModel, count: int) -> None:
@@ -419,13 +437,14 @@ async def _completions(state: ServerState, request: Request):
     req, served, deadline = await _start(state, request, CompletionRequest)
     prompts = await run_in_threadpool(_encode_prompts, served, req.prompt)
     texts = [p if isinstance(p, str) else None for p in req.prompt]  # echoed text: as sent, else decoded
+    grammar = await _grammar(served, req.response_format)
     options, prompt_of = [], []
     for p, ids in enumerate(prompts):
         max_tokens = _max_tokens(served, len(ids), req.max_tokens, DEFAULT_COMPLETION_TOKENS, "max_tokens",
                                  "prompt" if len(prompts) == 1 else f"prompt.{p}")
         for j in range(req.n):
             options.append(_options(req, served, max_tokens, p * req.n + j, logprobs=req.logprobs,
-                                    echo_logprobs=req.echo and req.logprobs is not None))
+                                    echo_logprobs=req.echo and req.logprobs is not None, grammar=grammar))
             prompt_of.append(p)
     _check_capacity(served, len(options))
     if req.echo:
@@ -519,7 +538,9 @@ async def _chat(state: ServerState, request: Request):
                              "max_tokens" if req.max_tokens is not None else "max_completion_tokens", "messages")
     stops, stop_ids = await run_in_threadpool(_chat_stops, served)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    options = [_options(req, served, max_tokens, j, stops, stop_ids, logprobs=logprobs) for j in range(req.n)]
+    grammar = await _grammar(served, req.response_format)
+    options = [_options(req, served, max_tokens, j, stops, stop_ids, logprobs=logprobs, grammar=grammar)
+               for j in range(req.n)]
     _check_capacity(served, len(options))
     gen = Generation(served, state.metrics, [ids], options, [0] * req.n, deadline, state.retry_after_s)
     gen.watch_disconnect(request)

@@ -31,7 +31,7 @@ INT64 = 2**63
 # (field, its "off" value, a hint) for OpenAI fields that are declared but not implemented
 UNSUPPORTED = (("frequency_penalty", 0.0, " (use repetition_penalty)"), ("presence_penalty", 0.0,
                " (use repetition_penalty)"), ("logit_bias", {}, ""), ("suffix", "", ""), ("tools", [], ""),
-               ("tool_choice", "none", ""), ("response_format", {"type": "text"}, ""))
+               ("tool_choice", "none", ""))
 
 
 class ProtocolError(ValueError):
@@ -156,6 +156,37 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema: a named JSON schema (`strict` is accepted either way:
+    jaxlm always enforces the schema while decoding, infer/structured.py)."""
+
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict = Field(..., alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs the json_schema field ({"name": ..., "schema": {...}})')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema is only allowed with type "json_schema", not {self.type!r}')
+        return self
+
+    def as_dict(self) -> dict:
+        out: dict = {"type": self.type}
+        if self.json_schema is not None:
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return out
+
+
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat completions."""
 
@@ -172,6 +203,7 @@ class _SamplingFields(_Strict):
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)  # accepted and ignored, as OpenAI's end-user id
+    response_format: ResponseFormat | None = None  # JSON output enforced while decoding (infer/structured.py)
     # jaxlm extras (the sampler's knobs)
     top_k: int = Field(0, ge=0, lt=2**31)  # 0 = off
     min_p: float = Field(0.0, ge=0.0, lt=1.0)  # 0 = off
@@ -272,7 +304,6 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
