@@ -176,7 +176,7 @@ def chat(model: ExportedModel, text: OnDeviceText, *, system: str | None = None,
         line = stdin.readline()
         if not line:
             return 0
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")
         if not line.strip():
             continue
         user = {"role": "user", "content": line}
