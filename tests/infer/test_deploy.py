@@ -123,6 +123,21 @@ def test_unit_restarts_on_failure_and_stops_by_draining(unit):
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def test_systemd_reads_the_unit_without_a_complaint(tmp_path):
+    """`systemd-analyze verify` (systemd's own parser) on the unit, its interpreter made this one:
+    an unknown key or a value it cannot parse would be printed (and ignored by systemd at boot)."""
+    import shutil
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    unit_file = tmp_path / "jaxlm-serve.service"
+    unit_file.write_text((DEPLOY / "jaxlm-serve.service").read_text().replace("/opt/jaxlm/.venv/bin/python",
+                                                                                  sys.executable))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_file)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and (r.stdout + r.stderr).strip() == "", r.stdout + r.stderr
+
+
 def test_the_example_environment_file_refuses_to_serve_the_network_without_a_key(unit, small_run):
     """Installed as shipped (empty key, JAXLM_HOST=0.0.0.0) the server binds nothing and exits 2,
     which RestartPreventExitStatus keeps systemd from retrying."""
