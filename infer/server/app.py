@@ -499,26 +499,77 @@ def _event_stream(body: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class _ChunkJSON:
+    """The SSE event of a one-choice chunk without logprobs, from a template the protocol's own
+    pydantic model makes once per (stream, choice): per chunk only the text and finish_reason are
+    serialized (a model built and dumped per token cost more than the rest of the chunk's trip)."""
+
+    _TEXT, _FINISH = "\ue000text\ue000", "\ue000finish\ue000"
+
+    def __init__(self, build):
+        self._build = build  # build(index, text, finish_reason) -> the chunk's pydantic model
+        self._parts: dict[int, tuple[str, str, str] | None] = {}
+
+    def __call__(self, index: int, text: str | None, finish_reason: str | None) -> str:
+        if index not in self._parts:
+            whole = _sse(self._build(index, self._TEXT, self._FINISH))
+            a, t, rest = whole.partition(json.dumps(self._TEXT, ensure_ascii=False))
+            b, f, c = rest.partition(json.dumps(self._FINISH))
+            self._parts[index] = (a, b, c) if t and f and whole.count("\ue000") == 4 else None
+        parts = self._parts[index]
+        if parts is None:  # a sentinel also in the model name or id: the slow way
+            return _sse(self._build(index, text, finish_reason))
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1] + json.dumps(finish_reason) + parts[2]
+
+
+def _by_choice(batch: list) -> list[tuple[int, list]]:
+    """A batch of (choice index, Event) grouped by choice, each group in arrival order, the groups
+    in the order of their first event: the events one chunk per choice will carry."""
+    groups: dict[int, list] = {}
+    for i, ev in batch:
+        groups.setdefault(i, []).append(ev)
+    return list(groups.items())
+
+
 async def _stream_completion(state, gen: Generation, req: CompletionRequest, served, texts, rid, created, arrival):
+    """One SSE chunk per choice per batch of events (gen.batches()): per token while the client
+    keeps up, several tokens' text (and logprobs) in one chunk when it falls behind."""
     offsets = [_Offsets() for _ in gen.seqs]
     first = [True] * len(gen.seqs)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
+    fast = _ChunkJSON(lambda i, text, finish: CompletionResponse(id=rid, created=created, model=served.name, choices=[
+        CompletionChoice(index=i, text=text, finish_reason=finish)]))
     try:
-        async for i, ev in gen.events():
-            gen.check_finish(ev.finish_reason)
-            seq = gen.seqs[i]
-            text, lp = ev.text, None
-            if first[i] and req.echo:
-                text = texts[seq.prompt_index] + text
-            if req.logprobs is not None:
-                lp = CompletionLogprobs()
-                if ev.prompt_logprobs is not None:
-                    offsets[i].prompt(lp, served.tokenizer, seq.prompt_ids, ev.prompt_logprobs, texts[seq.prompt_index])
-                offsets[i].generated(lp, ev.logprobs)
-            first[i] = False
-            if text or (lp is not None and lp.tokens) or ev.finish_reason:
-                yield _sse(CompletionResponse(id=rid, created=created, model=served.name, choices=[
-                    CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=ev.finish_reason)]))
+        async for batch in gen.batches():
+            out, error = [], None
+            for i, evs in _by_choice(batch):
+                finish = evs[-1].finish_reason  # only a sequence's last event has one
+                try:
+                    gen.check_finish(finish)
+                except ProtocolError as e:
+                    error = e
+                    break
+                seq = gen.seqs[i]
+                text = "".join(ev.text for ev in evs)
+                if first[i] and req.echo:
+                    text = texts[seq.prompt_index] + text
+                first[i] = False
+                if req.logprobs is not None:
+                    lp = CompletionLogprobs()
+                    for ev in evs:
+                        if ev.prompt_logprobs is not None:
+                            offsets[i].prompt(lp, served.tokenizer, seq.prompt_ids, ev.prompt_logprobs,
+                                              texts[seq.prompt_index])
+                        offsets[i].generated(lp, ev.logprobs)
+                    if text or lp.tokens or finish:
+                        out.append(_sse(CompletionResponse(id=rid, created=created, model=served.name, choices=[
+                            CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)])))
+                elif text or finish:
+                    out.append(fast(i, text, finish))
+            if out:
+                yield "".join(out)
+            if error is not None:
+                raise error
         state.metrics.e2e.labels(served.name).observe(time.perf_counter() - arrival)
         if include_usage:
             yield _sse(CompletionResponse(id=rid, created=created, model=served.name, choices=[], usage=_usage(gen)))
@@ -568,20 +619,38 @@ async def _chat(state: ServerState, request: Request):
 
 
 async def _stream_chat(state, gen: Generation, req: ChatCompletionRequest, served, rid, created, arrival):
+    """As _stream_completion: one chunk per choice per batch of events."""
     include_usage = req.stream_options is not None and req.stream_options.include_usage
 
     def chunk(choices, usage=None):
         return _sse(ChatCompletionChunk(id=rid, created=created, model=served.name, choices=choices, usage=usage))
 
+    fast = _ChunkJSON(lambda i, text, finish: ChatCompletionChunk(id=rid, created=created, model=served.name, choices=[
+        ChatStreamChoice(index=i, delta=ChatDelta(content=text), finish_reason=finish)]))
     try:
         yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(len(gen.seqs))])
-        async for i, ev in gen.events():
-            gen.check_finish(ev.finish_reason)
-            lp = ChatLogprobs(content=_chat_logprobs(ev.logprobs)) if req.logprobs else None
-            if ev.text or (lp is not None and lp.content) or ev.finish_reason:
-                delta = ChatDelta(content=ev.text) if ev.text else ChatDelta()
-                yield chunk([ChatStreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=ev.finish_reason)])
+        async for batch in gen.batches():
+            out, error = [], None
+            for i, evs in _by_choice(batch):
+                finish = evs[-1].finish_reason
+                try:
+                    gen.check_finish(finish)
+                except ProtocolError as e:
+                    error = e
+                    break
+                text = "".join(ev.text for ev in evs)
+                if req.logprobs:
+                    lp = ChatLogprobs(content=[c for ev in evs for c in _chat_logprobs(ev.logprobs)])
+                    if text or lp.content or finish:
+                        delta = ChatDelta(content=text) if text else ChatDelta()
+                        out.append(chunk([ChatStreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=finish)]))
+                elif text or finish:
+                    out.append(fast(i, text or None, finish))
+            if out:
+                yield "".join(out)
+            if error is not None:
+                raise error
         state.metrics.e2e.labels(served.name).observe(time.perf_counter() - arrival)
         if include_usage:
             yield chunk([], usage=_usage(gen))

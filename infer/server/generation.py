@@ -1,17 +1,23 @@
 """One HTTP request's sequences in the engine, seen from the event loop.
 
-The engine calls `on_event` from its own thread; each call only schedules `queue.put_nowait` on
-the loop (`call_soon_threadsafe`), so the loop never waits on JAX or on an engine lock. A request
-with several prompts or `n` > 1 submits one engine request per choice and reads their events from
-one queue in arrival order. A watcher task waits for the client's `http.disconnect` and cancels
-every handle at once, so a client that goes away frees its slots before the next decode step.
+The engine calls `on_event` from its own thread; each call only appends to the loop's inbox
+(`_Inbox`), so the loop never waits on JAX or on an engine lock. The inbox wakes the loop once
+(`call_soon_threadsafe`) for all the events that arrive until the loop drains it, so a decode step
+of 8 requests costs one or two loop wake-ups, not 8. A request with several prompts or `n` > 1
+submits one engine request per choice and reads their events from one queue in arrival order;
+`batches()` hands over everything queued at once, so a stream that fell behind writes one chunk
+for several tokens (adaptive: one chunk per token when the loop keeps up). A watcher task waits
+for the client's `http.disconnect` and cancels every handle at once, so a client that goes away
+frees its slots before the next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
@@ -28,6 +34,50 @@ def choice_seed(seed: int | None, index: int) -> int | None:
         return seed % 2**32
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+class _Inbox:
+    """Events from engine threads to one event loop. The first event after a drain schedules one
+    drain (`call_soon_threadsafe`, a write to the loop's wake-up pipe); the events that arrive
+    before the loop runs it ride along, so one wake-up serves a whole decode step under load."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # the registry below is keyed by the loop: no strong cycle
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._scheduled = False
+
+    def put(self, receive, i: int, ev) -> None:
+        """Engine thread: queue `receive(i, ev)` to run on the loop, in order."""
+        with self._lock:
+            self._items.append((receive, i, ev))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        loop = self._loop()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (process exit): nobody is listening
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for receive, i, ev in items:
+            receive(i, ev)
+
+
+_inboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox]" = weakref.WeakKeyDictionary()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    """The loop's inbox (one per event loop; created on the loop's thread, so no lock)."""
+    box = _inboxes.get(loop)
+    if box is None:
+        box = _inboxes[loop] = _Inbox(loop)
+    return box
 
 
 @dataclass
@@ -54,7 +104,9 @@ class Generation:
         from infer.engine import EngineError, QueueFull, PromptTooLong
 
         self.served, self.metrics, self.deadline = served, metrics, deadline
+        self._itl = metrics.itl.labels(served.name)  # observed per token: the labelled child looked up once
         self.loop = asyncio.get_running_loop()
+        self._inbox = _inbox(self.loop)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seqs = [Sequence_(p, list(prompts[p])) for p in prompt_of]
         self.cancelled = False
@@ -77,11 +129,10 @@ class Generation:
             raise ProtocolError(str(e)) from None
 
     def _callback(self, i: int):
+        put, receive = self._inbox.put, self._receive
+
         def on_event(event) -> None:  # engine thread: hand over to the loop, never touch loop state
-            try:
-                self.loop.call_soon_threadsafe(self._receive, i, event)
-            except RuntimeError:  # the loop is closed (process exit): nobody is listening
-                pass
+            put(receive, i, event)
 
         return on_event
 
@@ -98,7 +149,7 @@ class Generation:
             else:
                 gap = max(ev.time - seq.last_time, 0.0) / len(ev.token_ids)
                 for _ in ev.token_ids:
-                    m.itl.labels(name).observe(gap)
+                    self._itl.observe(gap)
             seq.last_time = ev.time
         seq.text.append(ev.text)
         seq.prompt_tokens, seq.completion_tokens = ev.prompt_tokens, ev.completion_tokens
@@ -137,18 +188,31 @@ class Generation:
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, Event) in arrival order until every sequence has finished. Raises
         ProtocolError 504 past the deadline (the sequences are cancelled)."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Every (choice index, Event) queued so far, in arrival order, as one list: at least one,
+        more when the events came faster than the reader took them. Ends when every sequence has
+        finished; raises ProtocolError 504 past the deadline (the sequences are cancelled)."""
         pending = len(self.seqs)
+        queue = self.queue
         while pending:
-            remaining = self.deadline - time.monotonic()
-            try:
-                i, ev = await asyncio.wait_for(self.queue.get(), timeout=max(remaining, 0.0))
-            except asyncio.TimeoutError:
-                self.cancel()
-                raise ProtocolError("the request ran past its deadline and was cancelled", status=504,
-                                    type="timeout_error", code="deadline_exceeded") from None
-            if ev.finish_reason is not None:
-                pending -= 1
-            yield i, ev
+            if queue.empty():
+                remaining = self.deadline - time.monotonic()
+                try:
+                    batch = [await asyncio.wait_for(queue.get(), timeout=max(remaining, 0.0))]
+                except asyncio.TimeoutError:
+                    self.cancel()
+                    raise ProtocolError("the request ran past its deadline and was cancelled", status=504,
+                                        type="timeout_error", code="deadline_exceeded") from None
+            else:
+                batch = []
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            pending -= sum(ev.finish_reason is not None for _, ev in batch)
+            yield batch
 
     def check_finish(self, reason: str | None) -> None:
         """A sequence that ended for a reason the client did not cause is an error response."""
