@@ -22,6 +22,12 @@ delta), TPOT ((e2e - TTFT) / (completion tokens - 1)), ITL (time between success
 a delta may carry several tokens when text is held back, e.g. half a UTF-8 character) and e2e
 latency; then the ratio of output tokens/s (N slots / 1 slot). Every request has the scenario's
 time limit (`--time-limit`); one still running then is cancelled (counted as not completed).
+
+With `--response-format json_schema` (or `json_object`) every scenario also runs, on each server
+right after its plain run, with that response_format on every request (BENCH_SCHEMA: a bounded
+object of strings, integers, enums and an array), and the report adds the structured-output
+overhead: TPOT p50 with the schema / TPOT p50 without, per scenario and server (constrained decoding
+computes a token mask per step and runs the decode loop unpipelined; infer/structured.py).
 """
 
 from __future__ import annotations
@@ -113,19 +119,44 @@ def arrival_offsets(n: int, rate: float, seed: int) -> np.ndarray:
     return np.cumsum(gaps)
 
 
-def request_body(req: BenchRequest) -> dict:
-    """The JSON body of one streamed completion. (A structured-output mode would add its
-    `response_format` here, so the same scenarios measure its overhead.)"""
-    return {"model": MODEL_NAME, "prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": 0.0,
+# The schema of `--response-format json_schema`: every output bounded (strings by maxLength, the
+# array by maxItems), long enough that TPOT is measured over many constrained tokens.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "kind": {"enum": ["function", "class", "module", "test"]},
+        "lines": {"type": "integer", "minimum": 0, "maximum": 100000},
+        "args": {"type": "array", "maxItems": 6, "items": {
+            "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                             "optional": {"type": "boolean"}},
+            "required": ["name", "optional"], "additionalProperties": False}},
+        "summary": {"type": "string", "maxLength": 120},
+    },
+    "required": ["title", "kind", "lines", "args", "summary"], "additionalProperties": False,
+}
+RESPONSE_FORMATS = {
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA, "strict": True}},
+    "json_object": {"type": "json_object"},
+}
+
+
+def request_body(req: BenchRequest, response_format: dict | None = None) -> dict:
+    """The JSON body of one streamed completion, with `response_format` when given (the same
+    scenarios then measure structured output's overhead)."""
+    body = {"model": MODEL_NAME, "prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}
+    if response_format is not None:
+        body["response_format"] = response_format
+    return body
 
 
 # ---- the client -----------------------------------------------------------------------------------
 
-async def _one(client, base: str, req: BenchRequest, res: RequestResult) -> None:
+async def _one(client, base: str, req: BenchRequest, res: RequestResult, response_format: dict | None = None) -> None:
     """Send one streamed completion and time its deltas into `res`."""
     last, done = None, False
-    async with client.stream("POST", base + "/v1/completions", json=request_body(req)) as resp:
+    async with client.stream("POST", base + "/v1/completions", json=request_body(req, response_format)) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode("utf-8", "replace")
             res.error = f"HTTP {resp.status_code}: {body[:200]}"
@@ -160,7 +191,7 @@ async def _one(client, base: str, req: BenchRequest, res: RequestResult) -> None
 
 
 async def run_scenario(base: str, requests: list[BenchRequest], offsets: np.ndarray,
-                       time_limit: float) -> tuple[list[RequestResult], float]:
+                       time_limit: float, response_format: dict | None = None) -> tuple[list[RequestResult], float]:
     """Send requests[i] at offsets[i] seconds after the start (every one as its own connection,
     no client-side limit on concurrency); (results, wall seconds from the start to the last
     completion). A request not done time_limit seconds after the start is cancelled."""
@@ -177,7 +208,7 @@ async def run_scenario(base: str, requests: list[BenchRequest], offsets: np.ndar
                 await asyncio.sleep(delay)
             results[i].sent = time.perf_counter()
             try:
-                await _one(client, base, requests[i], results[i])
+                await _one(client, base, requests[i], results[i], response_format)
             except httpx.HTTPError as e:
                 results[i].error = f"{type(e).__name__}: {e}"[:200]
 
@@ -302,12 +333,15 @@ def _ms(x: float) -> str:
 
 
 def format_table(rows: list[dict], ratios: dict[str, float]) -> str:
-    head = ("| scenario | slots | done/sent | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
+    head = ("| scenario | slots | format | done/sent | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
             "| ITL p50 / p99 (ms) | e2e p50 / p99 (ms) | tok/s N : 1 |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
-        ratio = f"{ratios[r['scenario']]:.2f}x" if r["slots"] != 1 and r["scenario"] in ratios else ""
-        lines.append(f"| {r['scenario']} | {r['slots']} | {r['completed']}/{r['requests']} | {r['output_tok_s']:.1f} "
+        fmt = r.get("format", "text")
+        ratio = f"{ratios[r['scenario']]:.2f}x" if r["slots"] != 1 and fmt == "text" and r["scenario"] in ratios \
+            else ""
+        lines.append(f"| {r['scenario']} | {r['slots']} | {fmt} | {r['completed']}/{r['requests']} "
+                     f"| {r['output_tok_s']:.1f} "
                      + " ".join(f"| {_ms(r[k + '_p50'])} / {_ms(r[k + '_p99'])}" for k in ("ttft", "tpot", "itl", "e2e"))
                      + f" | {ratio} |")
     return "\n".join(lines)
@@ -356,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=900.0,
                    help="seconds a server may take to load and compile (default 900)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--response-format", choices=sorted(RESPONSE_FORMATS), default=None,
+                   help="also run every scenario with this response_format and report the TPOT ratio "
+                        "(structured output's overhead)")
     return p
 
 
@@ -416,26 +453,38 @@ def bench(args: argparse.Namespace) -> dict:
         # Warm-up, not measured: the whole workload once at full concurrency on each server. Whatever
         # the first requests after start-up pay (first runs of each program; on the quickstart model
         # the first prefill of bucket 64 compiled again, 4.5 s) is then out of every scenario.
+        formats = [("text", None)]
+        if args.response_format:
+            formats.append((args.response_format, RESPONSE_FORMATS[args.response_format]))
         for s in servers.values():
-            asyncio.run(run_scenario(s.base, requests, np.zeros(len(requests)), args.time_limit))
+            for _, fmt in formats:  # (the schema compiles here, once per server, then comes from the cache)
+                asyncio.run(run_scenario(s.base, requests, np.zeros(len(requests)), args.time_limit, fmt))
         print(f"# warmed up after {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
         for k, (name, rate) in enumerate(rates):
             offsets = arrival_offsets(len(requests), rate, args.seed + 1 + k)
             order = [args.slots, 1] if k % 2 == 0 else [1, args.slots]
             for slots in order:
-                results, wall = asyncio.run(run_scenario(servers[slots].base, requests, offsets, args.time_limit))
-                row = {"scenario": name, "rate": None if math.isinf(rate) else rate, "slots": slots,
-                       **summarize(results, wall)}
-                rows.append(row)
-                print(f"# {name}, {slots} slot(s): {row['completed']}/{row['requests']} done, "
-                      f"{row['output_tok_s']:.1f} output tok/s", file=sys.stderr, flush=True)
+                for fmt_name, fmt in formats:
+                    results, wall = asyncio.run(run_scenario(servers[slots].base, requests, offsets, args.time_limit,
+                                                             fmt))
+                    row = {"scenario": name, "rate": None if math.isinf(rate) else rate, "slots": slots,
+                           "format": fmt_name, **summarize(results, wall)}
+                    rows.append(row)
+                    print(f"# {name}, {slots} slot(s), {fmt_name}: {row['completed']}/{row['requests']} done, "
+                          f"{row['output_tok_s']:.1f} output tok/s", file=sys.stderr, flush=True)
     finally:
         for slots, s in servers.items():
             exits[slots] = s.stop()
-    tps = {(r["scenario"], r["slots"]): r["output_tok_s"] for r in rows}
+    tps = {(r["scenario"], r["slots"]): r["output_tok_s"] for r in rows if r["format"] == "text"}
     ratios = {name: tps[(name, args.slots)] / tps[(name, 1)] if tps[(name, 1)] > 0 else math.nan
               for name, _ in rates}
-    rows.sort(key=lambda r: ([n for n, _ in rates].index(r["scenario"]), r["slots"] == 1))
+    tpot = {(r["scenario"], r["slots"], r["format"]): r["tpot_p50"] for r in rows}
+    fmt = args.response_format
+    overhead = [{"scenario": name, "slots": slots, "format": fmt, "tpot_p50_text": tpot[(name, slots, "text")],
+                 "tpot_p50_format": tpot[(name, slots, fmt)],
+                 "ratio": tpot[(name, slots, fmt)] / tpot[(name, slots, "text")]}
+                for name, _ in rates for slots in (args.slots, 1)] if fmt else []
+    rows.sort(key=lambda r: ([n for n, _ in rates].index(r["scenario"]), r["slots"] == 1, r["format"] != "text"))
     tokens = [len(r.prompt_ids) for r in requests], [r.max_tokens for r in requests]
     return {
         "command": " ".join(["python -m infer.bench_server", *args.argv]),
@@ -445,6 +494,7 @@ def bench(args: argparse.Namespace) -> dict:
                      "max_tokens": {"range": list(output_range), "mean": float(np.mean(tokens[1]))},
                      "corpus": [f"stdlib/{f}" for f in CORPUS_FILES], "temperature": 0.0},
         "slots": args.slots, "rows": rows, "ratios": ratios, "server_exit_codes": exits,
+        "response_format": RESPONSE_FORMATS.get(args.response_format), "format_overhead": overhead,
     }
 
 
@@ -459,7 +509,22 @@ def report(out: dict) -> str:
         f"{w['max_tokens']['range'][0]}-{w['max_tokens']['range'][1]} (mean {w['max_tokens']['mean']:.1f}), "
         f"greedy, context {w['context']}; servers: --slots {out['slots']} and --slots 1, same requests",
         format_table(out["rows"], out["ratios"]),
-    ] + [f"# errors ({r['scenario']}, {r['slots']} slots): {'; '.join(r['errors'])}" for r in out["rows"] if r["errors"]])
+    ] + _overhead_table(out.get("format_overhead") or []) + [
+        f"# errors ({r['scenario']}, {r['slots']} slots, {r.get('format', 'text')}): {'; '.join(r['errors'])}"
+        for r in out["rows"] if r["errors"]])
+
+
+def _overhead_table(overhead: list[dict]) -> list[str]:
+    """Structured output's cost: TPOT p50 with the response_format / without, per scenario and server."""
+    if not overhead:
+        return []
+    lines = ["", f"# structured output ({overhead[0]['format']}): time per output token with / without",
+             "| scenario | slots | TPOT p50 text (ms) | TPOT p50 with format (ms) | ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    for o in overhead:
+        lines.append(f"| {o['scenario']} | {o['slots']} | {_ms(o['tpot_p50_text'])} | {_ms(o['tpot_p50_format'])} "
+                     f"| {o['ratio']:.2f}x |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

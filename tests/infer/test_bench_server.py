@@ -61,23 +61,29 @@ def test_summarize_counts_only_completed_requests():
 def test_bench_runs_every_scenario_on_both_servers(tiny_run, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench_server.main(["--run", str(tiny_run), "--slots", "2", "--rates", "20,max", "--requests", "3",
-                            "--prompt-tokens", "4:12", "--output-tokens", "8:16", "--out", str(out)])
+                            "--prompt-tokens", "4:12", "--output-tokens", "8:16", "--out", str(out),
+                            "--response-format", "json_schema"])
     printed = capsys.readouterr().out
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["command"].startswith("python -m infer.bench_server --run ")
-    assert {(r["scenario"], r["slots"]) for r in data["rows"]} == {(s, n) for s in ("20 req/s", "max") for n in (2, 1)}
+    assert {(r["scenario"], r["slots"], r["format"]) for r in data["rows"]} == {
+        (s, n, f) for s in ("20 req/s", "max") for n in (2, 1) for f in ("text", "json_schema")}
     for r in data["rows"]:
         assert r["completed"] == r["requests"] == 3, r["errors"]
         assert r["output_tokens"] > 0 and r["output_tok_s"] > 0 and r["ttft_p50"] > 0 and r["e2e_p99"] > 0
+    # the same scenarios with the schema: TPOT with / without for each scenario and server
+    assert {(o["scenario"], o["slots"]) for o in data["format_overhead"]} == {
+        (s, n) for s in ("20 req/s", "max") for n in (2, 1)}
+    assert all(o["ratio"] > 0 for o in data["format_overhead"]) and "structured output (json_schema)" in printed
     # greedy: both servers generate the same tokens for the same requests
-    tokens = {(r["scenario"], r["slots"]): r["output_tokens"] for r in data["rows"]}
+    tokens = {(r["scenario"], r["slots"]): r["output_tokens"] for r in data["rows"] if r["format"] == "text"}
     assert tokens[("max", 2)] == tokens[("max", 1)] == tokens[("20 req/s", 2)]
     assert set(data["ratios"]) == {"20 req/s", "max"} and all(v > 0 for v in data["ratios"].values())
     assert data["server_exit_codes"] == {"2": 0, "1": 0}  # SIGTERM drained both
     assert data["versions"]["jax"] and "CPUs usable" in data["machine_before"]
     for scenario in ("20 req/s", "max"):
-        assert sum(line.startswith(f"| {scenario} |") for line in printed.splitlines()) == 2
+        assert sum(line.startswith(f"| {scenario} |") for line in printed.splitlines()) == 4 + 2  # rows + overhead
     assert "output tok/s" in printed and "jaxlib" in printed
 
 
