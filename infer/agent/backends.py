@@ -10,7 +10,7 @@ Every failure is a BackendError with a `kind` the router's fallback chain reads:
 (refused, reset, the engine shutting down), "timeout", "server" (5xx, 429, an engine error, a full
 queue), "context_overflow" (the prompt does not fit: 400/413 with code context_length_exceeded) and
 "client" (any other 4xx: a configuration error, not worth a fallback). Each backend keeps its
-recent errors (a short window) for the router's health rule: `load()`.
+recent connection, timeout and server errors (a short window) for the router's health rule: `load()`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 KINDS = ("connection", "timeout", "server", "context_overflow", "client")
 FALLBACK_KINDS = frozenset({"connection", "timeout", "server", "context_overflow"})
+HEALTH_KINDS = frozenset({"connection", "timeout", "server"})  # the errors the router's health rule counts
 ERROR_WINDOW_S = 60.0
 # Control-token strings a remote model might leak into its text; local backends hide their own tokenizer's.
 COMMON_CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>",
@@ -77,7 +78,8 @@ class Backend:
                                            info if info is not None else {}):
                 yield text
         except BackendError as e:
-            self.record_error(e.kind)
+            if e.kind in HEALTH_KINDS:  # a prompt too long or a refused request says nothing of the backend's health
+                self.record_error(e.kind)
             raise
         finally:
             with self._lock:
@@ -194,11 +196,13 @@ class LocalBackend(Backend):
 class RemoteBackend(Backend):
     """An OpenAI-compatible endpoint (`/v1/chat/completions`, streamed), e.g. another
     `python -m infer serve`. Its tokenizer is unknown here, so `count_tokens` is an upper bound
-    (UTF-8 bytes plus a per-message allowance: no tokenizer in use yields more tokens than bytes);
-    the remote server checks the window itself and answers context_length_exceeded."""
+    (UTF-8 bytes plus an allowance per message for the template's scaffold, and one for the
+    assistant's header: no tokenizer in use yields more tokens than bytes, no common template more
+    than 16 tokens of scaffold per message); the remote server checks the window itself and answers
+    context_length_exceeded, which falls back to the next backend."""
 
     local = False
-    PER_MESSAGE_TOKENS = 8
+    PER_MESSAGE_TOKENS = 16
 
     def __init__(self, name: str, base_url: str, model: str, api_key: str | None = None, *, context: int,
                  timeout_s: float = 60.0, connect_timeout_s: float = 5.0, tags: Iterable[str] = (),

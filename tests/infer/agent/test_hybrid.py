@@ -85,7 +85,10 @@ def hybrid(tmp_path_factory):
         cloud = cloud_future.result()
     policy = {"backends": [{"name": "local", "type": "local", "engine": "tiny"},
                            {"name": "cloud", "type": "remote", "url": cloud.base + "/v1", "model": "cloud",
-                            "context": CONTEXT, "timeout_s": 60}],
+                            "context": CONTEXT, "timeout_s": 60},
+                           # the same server under a policy that overstates its window: its 413s test the fallback
+                           {"name": "cloud-big", "type": "remote", "url": cloud.base + "/v1", "model": "cloud",
+                            "context": 4096}],
               "order": ["cloud", "local"], "health": {"max_recent_errors": 2, "error_window_s": 600}}
     agent = AgentServer(engine, policy, tmp_path_factory.mktemp("agent") / "agent.sqlite")
     yield agent, cloud
@@ -162,6 +165,22 @@ def test_a_plain_prompt_is_routed_by_the_other_rules_to_the_cloud(hybrid):
     assert len(body["context_ids"]) == 3  # user, assistant, user: the whole conversation fits
 
 
+def test_context_overflow_falls_back_and_assembles_again_for_the_smaller_window(hybrid):
+    agent, _ = hybrid
+    session = new_session(agent, title="long")
+    say(agent, session, "word " * 40)  # ~220 of the cloud's 256 tokens
+    headers, events = say(agent, session, "and more " * 10, model="cloud-big")
+    reason = headers["X-Jaxlm-Route-Reason"]
+    assert headers["X-Jaxlm-Backend"] == "cloud"
+    assert reason.startswith("fallback: cloud-big failed (HTTP 413: ")
+    # planned: cloud-big (the context rule: only its stated window holds the conversation; the asked model agrees)
+    assert "-> cloud (planned: context: " in reason and reason.endswith("-> cloud-big (4096))")
+    done = events[-1]
+    assert done["context_ids"] == [events[0]["message_id"]]  # the 256-token window: the newest turn only
+    assert done["prompt_tokens"] + TURN["max_tokens"] <= CONTEXT
+    assert agent.router.by_name["cloud-big"].recent_errors() == []  # an overflow is not ill health
+
+
 def test_agent_api_errors_are_openai_error_objects_and_the_page_is_public(hybrid):
     agent, _ = hybrid
     r = agent.client.post("/v1/agent/sessions/nope/messages", json={"content": "hi"})
@@ -179,8 +198,35 @@ def test_agent_api_errors_are_openai_error_objects_and_the_page_is_public(hybrid
     assert httpx.get(agent.base + "/page/app.js").status_code == 200
     assert httpx.get(agent.base + "/page/nope.js").status_code == 404
     backends = agent.client.get("/v1/agent/backends").json()["data"]
-    assert [(b["name"], b["local"], b["context"]) for b in backends] == [("cloud", False, CONTEXT),
-                                                                          ("local", True, CONTEXT)]
+    assert [(b["name"], b["local"], b["context"]) for b in backends] == [
+        ("cloud", False, CONTEXT), ("local", True, CONTEXT), ("cloud-big", False, 4096)]  # unlisted in order: last
+    # `python -m infer serve` (the cloud) carries the agent too: the default policy, its served model as local
+    _, cloud = hybrid
+    assert httpx.get(cloud.base + "/").status_code == 200
+    assert [(b["name"], b["local"]) for b in httpx.get(cloud.base + "/v1/agent/backends").json()["data"]] == \
+        [("cloud", True)]
+
+
+def test_concurrent_sessions_never_see_each_others_turns(hybrid):
+    agent, _ = hybrid
+    sessions = {name: new_session(agent, title=name, system=f"You are {name}.") for name in ("red", "blue")}
+    contexts: dict[str, list] = {name: [] for name in sessions}
+
+    def talk(name):
+        for i in range(5):
+            _, events = say(agent, sessions[name], f"{name} turn {i}")
+            contexts[name].append(events[-1]["context_ids"])
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the two conversations interleave
+        list(pool.map(talk, sessions))
+    for name, sid in sessions.items():
+        stored = agent.client.get(f"/v1/agent/sessions/{sid}").json()
+        assert stored["system"] == f"You are {name}."
+        users = [m["content"] for m in stored["messages"] if m["role"] == "user"]
+        assert users == [f"{name} turn {i}" for i in range(5)]
+        assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 5
+        own = {m["id"] for m in stored["messages"]}
+        assert all(set(ids) <= own for ids in contexts[name])  # every prompt held only this session's turns
 
 
 def test_killing_the_cloud_mid_conversation_makes_the_next_turn_fall_back(hybrid):
@@ -188,6 +234,7 @@ def test_killing_the_cloud_mid_conversation_makes_the_next_turn_fall_back(hybrid
     session = new_session(agent, title="outage")
     headers, _ = say(agent, session, "Hello, how are you?")
     assert headers["X-Jaxlm-Backend"] == "cloud"
+    assert agent.router.by_name["cloud"].recent_errors() == []
     cloud.kill()  # SIGKILL: the port is closed from now on
     headers, events = say(agent, session, "Are you still there?")
     reason = headers["X-Jaxlm-Route-Reason"]

@@ -269,3 +269,12 @@ def test_remote_connection_refused_is_a_connection_error():
         asyncio.run(_drain(b.stream_chat(user("hi"), max_tokens=4, temperature=0)))
     assert e.value.kind == "connection" and str(e.value) == "cloud: connection refused"
     assert b.recent_errors() == ["connection"] and b.load()["recent_errors"] == 1
+
+
+def test_remote_token_count_bounds_the_plain_template_of_a_byte_model(engine):
+    """The remote's tokenizer is unknown: its count must not undercount a byte-level model's prompt."""
+    local = LocalBackend(engine)
+    remote = RemoteBackend("cloud", "http://127.0.0.1:9/v1", "m", context=512)
+    convo = [{"role": "system", "content": "Be brief."}] + [
+        {"role": r, "content": c} for r, c in [("user", "hi"), ("assistant", "\ufffd\ufffdok"), ("user", "")]]
+    assert remote.count_tokens(convo) >= local.count_tokens(convo)
