@@ -11,7 +11,7 @@ const KEY_STORAGE = "jaxlm.apiKey";
 const $ = (id) => document.getElementById(id);
 const els = {
   sessions: $("sessions"), newSession: $("new-session"), title: $("session-title"), backend: $("backend"),
-  maxTokens: $("max-tokens"), error: $("error"), messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"),
+  maxTokens: $("max-tokens"), temperature: $("temperature"), error: $("error"), messages: $("messages"), composer: $("composer"), input: $("input"), send: $("send"),
   stop: $("stop"), keyForm: $("key-form"), key: $("api-key"), forgetKey: $("forget-key"),
 };
 
@@ -167,15 +167,23 @@ function describeRemoved(removed) {
 function addMessage(role, text, meta) {
   const item = el("li", "message " + role);
   item.dataset.role = role;
-  const label = el("div", "role", role === "user" ? "You" : role === "assistant" ? "Assistant" : role);
+  const label = el("div", "role", {user: "You", assistant: "Assistant", system: "System prompt"}[role] || role);
   const body = el("div", "content");
   const info = el("div", "meta");
   item.append(label, body, info);
   renderContent(body, text || "");
   setMeta(item, meta || {});
   els.messages.append(item);
-  item.scrollIntoView({block: "end"});
+  els.messages.scrollTop = els.messages.scrollHeight;
   return item;
+}
+
+// Keep the newest text in view while it streams, unless the reader scrolled up to read something else.
+function followStream(update) {
+  const box = els.messages;
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  update();
+  if (atBottom) box.scrollTop = box.scrollHeight;
 }
 
 function setMeta(item, meta) {
@@ -196,8 +204,9 @@ function setMeta(item, meta) {
   info.hidden = bits.length === 0;
 }
 
-function renderMessages(messages) {
+function renderMessages(messages, system) {
   els.messages.replaceChildren();
+  if (system) addMessage("system", system);
   for (const m of messages) {
     if (m.role === "system") continue;
     addMessage(m.role, m.content, m.meta || {});
@@ -309,7 +318,7 @@ async function openSession(id) {
   state.current = session.id;
   history.replaceState(null, "", "#session=" + encodeURIComponent(session.id));
   els.title.textContent = session.title || "Untitled";
-  renderMessages(session.messages || []);
+  renderMessages(session.messages || [], session.system);
   renderSessions();
   els.input.focus();
 }
@@ -390,6 +399,8 @@ async function send(text) {
   if (els.backend.value) body.model = els.backend.value;
   const maxTokens = els.maxTokens.valueAsNumber;
   if (Number.isInteger(maxTokens) && maxTokens > 0) body.max_tokens = maxTokens;
+  const temperature = els.temperature.valueAsNumber;
+  if (Number.isFinite(temperature)) body.temperature = temperature;  // out of [0, 2]: the server's 400 says so
 
   const controller = new AbortController();
   const user = addMessage("user", text);
@@ -420,7 +431,7 @@ async function send(text) {
         setMeta(user, {removed: event.removed});
       } else if (event.type === "delta") {
         reply += event.text;
-        renderContent(bubble.querySelector(".content"), reply);
+        followStream(() => renderContent(bubble.querySelector(".content"), reply));
       } else if (event.type === "done") {
         meta.finish_reason = event.finish_reason;
         setMeta(bubble, meta);

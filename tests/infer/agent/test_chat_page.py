@@ -70,14 +70,20 @@ def give_key(pg, base: str) -> None:
 
 
 # What the page shows while a reply streams, in order: each new text of the assistant bubble marked as
-# streaming, and whether the Stop button was showing then.
-RECORD_STREAM = """() => {
+# streaming, and whether the Stop button was showing then. With `stopAfter`, Stop is clicked as soon as
+# that many partial texts were shown (from the page itself: the tiny model writes 900 tokens in about a
+# second, faster than a round trip of the test's clicks).
+RECORD_STREAM = """(stopAfter) => {
   window.streamStates = [];
   const stop = document.getElementById('stop');
   new MutationObserver(() => {
     for (const b of document.querySelectorAll('.message.assistant.streaming .content')) {
       const last = window.streamStates[window.streamStates.length - 1];
       if (!last || last.text !== b.textContent) window.streamStates.push({text: b.textContent, stop: !stop.hidden});
+      if (stopAfter && !window.stopClicked && window.streamStates.filter(s => s.text).length >= stopAfter) {
+        window.stopClicked = true;
+        stop.click();
+      }
     }
   }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
@@ -86,7 +92,8 @@ RECORD_STREAM = """() => {
 def test_send_stream_reload_rename_delete(page, server):
     before = {s["id"] for s in server.store.list()}
     give_key(page, server.base)
-    page.evaluate(RECORD_STREAM)
+    page.evaluate(RECORD_STREAM, 0)
+    page.get_by_label("Temperature").fill("0")  # greedy: the same reply every run
     box = page.get_by_label("Message")
     box.fill("first line")
     box.press("Shift+Enter")  # a newline, not a send
@@ -147,7 +154,7 @@ def test_send_stream_reload_rename_delete(page, server):
 
 
 def test_markup_in_an_answer_shows_as_text(page, server):
-    session = server.store.create(title="markup <b>title</b>")
+    session = server.store.create(title="markup <b>title</b>", system="Answer in <b>HTML</b>.")
     server.store.append(session["id"], "user", "show me markup")
     server.store.append(session["id"], "assistant", MARKUP, {"backend": "tiny", "reason": "<b>why</b>"})
     give_key(page, server.base)
@@ -163,6 +170,7 @@ def test_markup_in_an_answer_shows_as_text(page, server):
     assert bubble.locator("pre code").text_content() == "<script>alert(3)</script><b>in code</b>"
     assert bubble.locator(".code-lang").inner_text() == "html"
     assert page.get_by_text("<b>bold</b>", exact=False).is_visible()
+    assert page.locator(".message.system .content").text_content() == "Answer in <b>HTML</b>."
     assert page.locator(".message.assistant .meta-route .meta-value").inner_text() == "<b>why</b>"
     assert page.evaluate("document.querySelectorAll('script').length") == 1  # the page's own app.js
 
@@ -189,13 +197,11 @@ def until(condition, timeout: float = 30.0) -> None:
 
 def test_stop_ends_the_stream_and_frees_the_slot(page, server):
     give_key(page, server.base)
-    page.evaluate(RECORD_STREAM)
+    page.evaluate(RECORD_STREAM, 2)  # Stop once two partial replies were shown
     page.get_by_label("Max tokens").fill("900")  # long enough to be stopped mid-way
     box = page.get_by_label("Message")
     box.fill("a long answer please")
     box.press("Enter")
-    until(lambda: len([s for s in page.evaluate("window.streamStates") if s["text"]]) >= 2)
-    page.get_by_role("button", name="Stop").click()
     bubble = page.locator(".message.assistant")
     bubble.locator(".meta-finished .meta-value").filter(has_text="stopped").wait_for()
     assert page.get_by_role("button", name="Send").is_visible()
