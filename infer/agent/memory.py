@@ -161,10 +161,10 @@ class ConversationStore:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -174,7 +174,7 @@ class ConversationStore:
             if version not in (0, SCHEMA_VERSION):
                 raise ValueError(f"schema version {version}; this jaxlm reads version {SCHEMA_VERSION}")
             self._db.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        except (sqlite3.Error, ValueError) as e:
+        except (sqlite3.Error, OSError, ValueError) as e:
             raise ValueError(f"{self.path}: not a usable conversation store ({e})") from None
 
     # ---- sessions

@@ -87,6 +87,8 @@ def test_a_file_that_is_not_a_store_is_one_line(tmp_path):
         db.execute("PRAGMA user_version = 7")
     with pytest.raises(ValueError, match="schema version 7; this jaxlm reads version 1"):
         ConversationStore(newer)
+    with pytest.raises(ValueError, match="not a usable conversation store"):
+        ConversationStore(bad / "under-a-file.sqlite")  # its folder cannot be made
 
 
 @pytest.mark.parametrize("path", [":memory:", "file"])
