@@ -19,7 +19,7 @@ xgrammar and outlines-core for what a server facing untrusted schemas needs:
 Compiling (GrammarCompiler) runs in its own small thread pool, never on the event loop or the
 engine thread, under a wall-clock limit (`timeout_s`) and llguidance's fuel (which also ends a
 compile that outlives its request). Results, errors included, are kept in an LRU cache of at most
-`cache_size` entries keyed by the canonical JSON of the schema; identical compiles in flight share
+`cache_size` entries keyed by the schema as compact JSON; identical compiles in flight share
 one job. Since llguidance builds a regex lazily (when decoding first reaches its string), each
 `pattern` in a schema is also built alone at compile time, so a pattern beyond the limits is a 400
 now rather than a failure in the middle of a reply.
@@ -41,12 +41,12 @@ from typing import Any
 
 import numpy as np
 
-MAX_SCHEMA_CHARS = 100_000  # canonical JSON of one schema
+MAX_SCHEMA_CHARS = 100_000  # one schema as compact JSON
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CACHE_SIZE = 128
 # llguidance's limits: initial_lexer_fuel bounds building a regex (~50k units/ms; its default 1M
 # lets `(a{1000}){1000}` run for a second before failing), step_lexer_fuel each mask step.
-LIMITS = dict(initial_lexer_fuel=200_000, step_lexer_fuel=200_000, max_grammar_size=200_000, verbose_errors=False)
+LIMITS = dict(initial_lexer_fuel=100_000, step_lexer_fuel=200_000, max_grammar_size=200_000, verbose_errors=False)
 JSON_OPTIONS = {"whitespace_flexible": False, "lenient": False}
 
 
@@ -152,7 +152,7 @@ class Grammar:
     `matcher()` gives a request its own parser state."""
 
     def __init__(self, key: str, tokenizer, template):
-        self.key = key  # the canonical schema JSON
+        self.key = key  # the schema as compact JSON (the cache key)
         self.tokenizer = tokenizer
         self._template = template  # an llguidance LLMatcher in its initial state, never advanced
         self._lock = threading.Lock()
@@ -216,11 +216,13 @@ class GrammarCompiler:
 
     @staticmethod
     def key(response_format: dict) -> str | None:
-        """The cache key: canonical JSON of the schema (None: no constraint). Raises StructuredOutputError."""
+        """The cache key: the schema as compact JSON (None: no constraint; the format's name is not
+        part of it). Key order is kept: the output writes properties in the schema's order.
+        Raises StructuredOutputError."""
         schema = schema_of(response_format)
         if schema is None:
             return None
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        key = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         if len(key) > MAX_SCHEMA_CHARS:
             raise StructuredOutputError(f"the schema has {len(key)} characters as JSON; at most {MAX_SCHEMA_CHARS} "
                                         "are allowed", "response_format.json_schema.schema")
@@ -301,9 +303,10 @@ class GrammarCompiler:
             raise StructuredOutputError(f"{param}: {_first_line(messages[0]) if messages else 'invalid schema'}",
                                         param)
         template = LLMatcher(tok, grammar, log_level=0, limits=limits)
-        template.deep_copy().compute_bitmask()  # builds the first lexer state; the template stays initial
-        if template.is_error():
-            raise StructuredOutputError(f"{param}: {_first_line(template.get_error())}", param)
+        first = template.deep_copy()
+        first.compute_bitmask()  # builds the first lexer state; the template stays initial
+        if template.is_error() or first.is_error():
+            raise StructuredOutputError(f"{param}: {_first_line(template.get_error() or first.get_error())}", param)
         quote = tok.tokenize_str('"')
         for path, pattern in _patterns(schema, ""):
             # as written, and anchored: an unanchored pattern is built only when the text reaches it
