@@ -276,6 +276,9 @@ class GrammarCompiler:
             result: Grammar | StructuredOutputError = self._build(key)
         except StructuredOutputError as e:
             result = e
+        except ImportError:
+            result = StructuredOutputError("response_format needs the llguidance package on the server "
+                                           "(pip install 'jaxlm[serve]')")
         except Exception as e:  # noqa: BLE001: whatever llguidance raises on a schema is the client's 400
             result = StructuredOutputError(f"response_format: the schema cannot be compiled: {_first_line(str(e))}",
                                            "response_format.json_schema.schema")
