@@ -1,11 +1,10 @@
 """`python -m infer chat`: the terminal chat on the agent layer, on a checkpoint (its own engine, through
-infer.agent.service.Agent) and against running servers (the real one, on loopback): one with the agent
-API (sessions on the server) and a plain OpenAI-compatible one; through standard input and through a
-pseudo-terminal."""
+infer.agent.service.Agent, sessions in a --store file) and against running servers (the real one, on
+loopback): one with the agent API (sessions on the server) and a plain OpenAI-compatible one; through
+standard input and through a pseudo-terminal."""
 
 from __future__ import annotations
 
-import io
 import os
 import pty
 import select
@@ -15,7 +14,6 @@ import time
 
 from openai import OpenAI
 
-from infer.chat import LocalAgentChat, chat_loop
 from tests.infer.server_helpers import API_KEY, ROOT, shared_agent_server, shared_server, tiny_checkpoint
 
 ONE = {"role": "user", "content": "hello"}
@@ -27,27 +25,29 @@ def greedy_reply(base: str) -> str:
     return out.choices[0].message.content
 
 
-def run_loop(chat, text: str) -> str:
-    out = io.StringIO()
-    chat_loop(chat, iter(io.StringIO(text).readline, ""), out, system=None, max_tokens=12, temperature=0.0, seed=0)
-    return out.getvalue()
-
-
-def test_local_chat_runs_on_the_agent_with_a_session_per_conversation():
+def test_chat_command_on_a_checkpoint_runs_on_the_agent(tmp_path):
+    """`--run`: its own engine behind the Agent; the sessions land in the --store file."""
     want = greedy_reply(shared_server().base)
-    chat = LocalAgentChat(str(tiny_checkpoint()), None, max_tokens=12)  # its own engine over the same checkpoint
-    try:
-        transcript = run_loop(chat, "hello\n\u200b\u200d\n/reset\nhello\n")
-        sessions = chat.store.list()
-        stored = [chat.store.messages(s["id"]) for s in sessions]
-    finally:
-        chat.close()
+    store = tmp_path / "sessions.sqlite"
+    r = subprocess.run([sys.executable, "-m", "infer", "chat", "--run", str(tiny_checkpoint()), "--store", str(store),
+                        "--temperature", "0", "--max-tokens", "12"], input="hello\n\u200b\u200d\n/reset\nhello\n",
+                       capture_output=True, text=True, encoding="utf-8", cwd=ROOT, timeout=600,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0, r.stderr[-2000:]
     # the same greedy reply as the server's chat endpoint, before and after /reset, each with its route
-    assert transcript.count("assistant> " + want + "\n(tiny: ") == 2, transcript
-    assert "(new conversation)" in transcript
+    assert r.stdout.count("assistant> " + want + "\n(tiny: ") == 2, r.stdout
+    assert "(new conversation)" in r.stdout
     # the sanitizer refused the invisible-only line in one line, and the chat went on
-    assert transcript.count("error: ") == 1 and "no visible text" in transcript
+    assert r.stdout.count("error: ") == 1 and "no visible text" in r.stdout
     # /reset started a second session in the agent's store; each holds its own turn
+    from infer.agent.memory import ConversationStore
+
+    kept = ConversationStore(store)
+    try:
+        sessions = kept.list()
+        stored = [kept.messages(s["id"]) for s in sessions]
+    finally:
+        kept.close()
     assert len(sessions) == 2
     assert [[(m["role"], m["content"]) for m in msgs] for msgs in stored] == [[("user", "hello"),
                                                                                 ("assistant", want)]] * 2
@@ -124,6 +124,10 @@ def test_chat_command_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "infer", "chat", "--url", "http://127.0.0.1:9/v1"], input="",
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--url=" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "infer", "chat", "--url", shared_agent_server().base + "/v1"],
+                       input="", capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "JAXLM_API_KEY": "wrong-key"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "wrong API key" in r.stderr
     r = subprocess.run([sys.executable, "-m", "infer", "chat", "--run", str(tmp_path / "none")], input="",
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith("no such run or checkpoint directory")
