@@ -253,6 +253,8 @@ class RemoteBackend(Backend):
             raise BackendError("connection", f"{self.name}: {_reason(e, 'connection failed')}") from None
         except httpx.TransportError as e:  # reset, closed mid-stream, protocol errors
             raise BackendError("connection", f"{self.name}: {_reason(e, type(e).__name__)}") from None
+        except httpx.HTTPError as e:  # anything else httpx raises (a body it cannot decode, ...)
+            raise BackendError("server", f"{self.name}: {type(e).__name__}: {str(e)[:200]}") from None
 
     def _chunk(self, data: str, info: dict) -> str:
         try:

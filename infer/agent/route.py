@@ -308,6 +308,12 @@ class Router:
         self.order = [n for n in self.order if n in self.by_name] + \
                      [b.name for b in self.backends if b.name not in self.order]
 
+    def check_model(self, model: str | None) -> None:
+        """RouteError (404) unless `model` is None or a backend's name."""
+        if model is not None and model not in self.by_name:
+            raise RouteError(f"model {str(model)[:100]!r} is not a backend of the routing policy; backends: "
+                             f"{', '.join(self.order)}", param="model", code="model_not_found", status=404)
+
     def healthy(self, backend: Backend) -> bool:
         """Fewer than max_recent_errors errors in its error window. (A local engine still compiling is
         not a routing matter: the server answers 503 to every /v1 POST until all engines are ready; an
@@ -324,9 +330,7 @@ class Router:
         chosen one first with the reason of the rule that decided it, then the fallback chain.
         Raises RouteError for an unknown model or tag-free refusal (sensitive text, no local backend)."""
         tags = frozenset(tags)
-        if model is not None and model not in self.by_name:
-            raise RouteError(f"model {model[:100]!r} is not a backend of the routing policy; backends: "
-                             f"{', '.join(self.order)}", param="model", code="model_not_found", status=404)
+        self.check_model(model)
         candidates = [self.by_name[n] for n in self.order]
         first = candidates[0]
         notes: list[str] = []

@@ -28,10 +28,13 @@ from typing import AsyncIterator, Sequence
 
 from infer.agent.backends import BackendError
 from infer.agent.memory import ConversationStore
-from infer.agent.route import Router
+from infer.agent.route import RouteError, Router
 from infer.agent.sanitize import sanitize
 
 MAX_TOKENS_DEFAULT = 256
+SUMMARY_TOKENS = 128  # longest summary asked of a model
+SUMMARY_INSTRUCTION = ("Summarize the conversation below in at most three sentences for whoever continues it. "
+                       "Keep names, numbers and decisions.")
 
 
 class TurnError(RuntimeError):
@@ -89,8 +92,13 @@ class Agent:
     """The agent layer over a router (backends and rules) and a conversation store."""
 
     def __init__(self, router: Router, store: ConversationStore, *, max_chars: int = 32_000,
-                 max_tokens_default: int = MAX_TOKENS_DEFAULT, temperature_default: float = 0.7):
+                 max_tokens_default: int = MAX_TOKENS_DEFAULT, temperature_default: float = 0.7,
+                 summarize: bool = False, summary_tokens: int = SUMMARY_TOKENS):
+        """summarize: turns evicted from a prompt for the first time are summarized by the backend that
+        answers the turn (the one the route already allows to see them) and the summary rides in the
+        system message from then on (memory.ConversationStore.context); off, evicted turns are dropped."""
         self.router, self.store = router, store
+        self.summarize, self.summary_tokens = summarize, summary_tokens
         self.max_chars = max_chars
         self.max_tokens_default = max_tokens_default
         self.temperature_default = temperature_default
@@ -119,56 +127,98 @@ class Agent:
             raise TurnError(f"temperature={temperature!r} must be a number in [0, 2]", status=400,
                             param="temperature")
         clean = sanitize(content, max_chars=self.max_chars)
+        self.router.check_model(model)  # an unknown model: RouteError before anything is stored
         temperature = self.temperature_default if temperature is None else float(temperature)
         async with self._lock(session_id):
             session = self.store.get(session_id)  # UnknownSession before anything is stored
             user_meta = {"removed": clean.removed} if clean.removed else None
             user_id = self.store.append(session_id, "user", clean.text, user_meta)
-            system = [{"role": "system", "content": session["system"]}] if session.get("system") else []
-            convo = system + [{"role": m["role"], "content": m["content"]} for m in self.store.messages(session_id)]
-            choices = await asyncio.to_thread(self.router.plan, convo, model=model, tags=tuple(tags))
-            failed: list[str] = []
-            too_small: list[str] = []
-            for choice in choices:
-                b = choice.backend
-                want = max_tokens if max_tokens is not None else min(self.max_tokens_default, b.context // 2)
-                if want >= b.context:
-                    too_small.append(f"{b.name}: max_tokens={want} leaves no room in its context of {b.context}")
-                    continue
-                try:
-                    assembled = await asyncio.to_thread(self.store.context, session_id, b.count_tokens,
-                                                        b.context - want)
-                except ValueError as e:  # ContextTooSmall, or text this backend's vocabulary cannot encode
-                    too_small.append(f"{b.name}: {str(e).splitlines()[0]}")
-                    continue
-                info: dict = {}
-                stream = b.stream_chat(assembled.messages, max_tokens=want, temperature=temperature, seed=seed,
-                                       info=info).__aiter__()
-                post = PostProcess(b.stop_strings, b.hidden_strings)
-                try:
-                    first = await _first_text(stream, post)
-                except BackendError as e:
-                    await stream.aclose()
-                    if not e.fallback:
-                        raise TurnError(f"backend {e}", status=502, code="backend_error") from None
-                    failed.append(f"{b.name} failed ({_strip_name(str(e), b.name)})")
-                    continue
-                reason = choice.reason
-                if failed:
-                    reason = f"fallback: {'; '.join(failed)} -> {b.name} (planned: {choices[0].reason})"
-                answer = self._answer(session_id, user_id, clean.removed, b, reason, stream, post, first, info,
-                                      assembled)
-                try:
-                    async for event in answer:
-                        yield event
-                finally:  # the reader left: the answer's own cleanup (store what came) runs now, not at GC
-                    await answer.aclose()
-                return
+            route = self._route(session, user_id, clean.removed, model, tags, max_tokens, temperature, seed)
+            try:
+                async for event in route:
+                    yield event
+            except (RouteError, TurnError) as e:
+                # the turn is refused after the user's text was stored: store the refusal as the answer, so
+                # the conversation keeps alternating (some chat templates refuse two user turns in a row)
+                self.store.append(session_id, "assistant", "", {"backend": None, "reason": e.message,
+                                                                "finish_reason": "error", "error": e.message})
+                raise
+            finally:  # the reader left: the answer's own cleanup (store what came) runs now, not at GC
+                await route.aclose()
+
+    async def _route(self, session, user_id, removed, model, tags, max_tokens, temperature, seed):
+        """Plan, assemble, stream with fallback (the part of a turn after the user's text is stored)."""
+        session_id = session["id"]
+        system = [{"role": "system", "content": session["system"]}] if session.get("system") else []
+        convo = system + [{"role": m["role"], "content": m["content"]} for m in self.store.messages(session_id)]
+        choices = await asyncio.to_thread(self.router.plan, convo, model=model, tags=tuple(tags))
+        failed: list[str] = []
+        too_small: list[str] = []
+        for choice in choices:
+            b = choice.backend
+            want = max_tokens if max_tokens is not None else min(self.max_tokens_default, b.context // 2)
+            if want >= b.context:
+                too_small.append(f"{b.name}: max_tokens={want} leaves no room in its context of {b.context}")
+                continue
+            summarize = self._summarizer(b, asyncio.get_running_loop()) if self.summarize else None
+            try:
+                assembled = await asyncio.to_thread(self.store.context, session_id, b.count_tokens,
+                                                    b.context - want, summarize=summarize)
+            except ValueError as e:  # ContextTooSmall, or text this backend's vocabulary cannot encode
+                too_small.append(f"{b.name}: {str(e).splitlines()[0]}")
+                continue
+            info: dict = {}
+            stream = b.stream_chat(assembled.messages, max_tokens=want, temperature=temperature, seed=seed,
+                                   info=info).__aiter__()
+            post = PostProcess(b.stop_strings, b.hidden_strings)
+            try:
+                first = await _first_text(stream, post)
+            except BaseException as e:
+                await stream.aclose()  # now, not at GC: a local engine frees the slot
+                if not isinstance(e, BackendError):  # cancelled (the reader left), or a bug
+                    raise
+                if not e.fallback:
+                    raise TurnError(f"backend {e}", status=502, code="backend_error") from None
+                failed.append(f"{b.name} failed ({_strip_name(str(e), b.name)})")
+                continue
+            reason = choice.reason
             if failed:
-                raise TurnError(f"no backend could answer: {'; '.join(failed + too_small)}", status=503,
-                                code="backends_unavailable")
-            raise TurnError(f"the conversation does not fit any backend: {'; '.join(too_small)}", status=413,
-                            code="context_length_exceeded", param="content")
+                reason = f"fallback: {'; '.join(failed)} -> {b.name} (planned: {choices[0].reason})"
+            answer = self._answer(session_id, user_id, removed, b, reason, stream, post, first, info,
+                                  assembled)
+            try:
+                async for event in answer:
+                    yield event
+            finally:  # the reader left: the answer's own cleanup (store what came) runs now, not at GC
+                await answer.aclose()
+            return
+        if failed:
+            raise TurnError(f"no backend could answer: {'; '.join(failed + too_small)}", status=503,
+                            code="backends_unavailable")
+        raise TurnError(f"the conversation does not fit any backend: {'; '.join(too_small)}", status=413,
+                        code="context_length_exceeded", param="content")
+
+    def _summarizer(self, b, loop):
+        """summarize(previous_summary, evicted_messages) -> text, by backend `b`, for the store's worker
+        thread: the request runs on the event loop, the thread waits for it. The transcript is cut from
+        its oldest end until the request fits b's window."""
+        def summarize(previous: str | None, evicted: list[dict]) -> str:
+            lines = [f"{m['role']}: {m['content']}" for m in evicted]
+            room = b.context - min(self.summary_tokens, b.context // 4)
+
+            def request(lines):
+                text = (f"Earlier summary: {previous}\n\n" if previous else "") + "\n".join(lines)
+                return [{"role": "system", "content": SUMMARY_INSTRUCTION}, {"role": "user", "content": text}]
+
+            while lines and b.count_tokens(request(lines)) > room:
+                lines = lines[len(lines) // 2:] if len(lines) > 1 else [lines[0][max(1, len(lines[0]) // 2):]]
+                if lines == [""]:
+                    return ""
+            future = asyncio.run_coroutine_threadsafe(
+                _collect(b, request(lines), min(self.summary_tokens, b.context // 4)), loop)
+            return future.result(timeout=600).strip()
+
+        return summarize
 
     async def _answer(self, session_id, user_id, removed, b, reason, stream, post, first, info, assembled):
         meta = {"type": "meta", "backend": b.name, "reason": reason, "removed": removed, "message_id": user_id}
@@ -210,6 +260,21 @@ class Agent:
         yield {"type": "done", "finish_reason": finish, "prompt_tokens": info.get("prompt_tokens") or assembled.tokens,
                "completion_tokens": info.get("completion_tokens"), "window": b.context,
                "context_ids": assembled.kept_ids, "message_id": message_id}
+
+
+async def _collect(b, messages, max_tokens: int) -> str:
+    """A whole reply of backend `b`, post-processed (a summary)."""
+    post = PostProcess(b.stop_strings, b.hidden_strings)
+    parts = []
+    stream = b.stream_chat(messages, max_tokens=max_tokens, temperature=0.0)
+    try:
+        async for text in stream:
+            parts.append(post.push(text))
+            if post.stopped:
+                break
+    finally:
+        await stream.aclose()
+    return "".join(parts) + post.flush()
 
 
 async def _first_text(stream, post: PostProcess) -> str:

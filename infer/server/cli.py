@@ -56,6 +56,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, metavar="SQLITE_PATH",
                    help="the agent's conversation store, a SQLite file (default: agent.sqlite in the first --run "
                         "directory; ':memory:' keeps nothing)")
+    p.add_argument("--summarize", action="store_true",
+                   help="agent: turns that no longer fit a prompt are summarized by the answering model and the "
+                        "summary kept in the system message (default: they are only left out)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     from infer.cli import add_mesh_arguments
 
@@ -170,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         engines.append(Engine(loaded.model, loaded.tokenizer, slots=args.slots, max_queue=args.max_queue, name=name,
                               quantize=None if args.quantize == "none" else args.quantize, layout=layout))
-    agent = _make_agent(policy, engines, store)
+    agent = _make_agent(policy, engines, store, summarize=args.summarize)
     app = create_app(engines, api_key=key, request_timeout_s=args.request_timeout,
                      cors_origins=args.allow_origin, shutdown_grace_s=args.drain_timeout, agent=agent)
     state = app.state.jaxlm
@@ -221,7 +224,7 @@ def _open_store(path: str):
         raise UserError(f"--memory={path}: {str(e).splitlines()[0]}") from None
 
 
-def _make_agent(policy, engines, store):
+def _make_agent(policy, engines, store, summarize: bool = False):
     """The agent layer over the loaded engines: its router and the conversation store."""
     from infer.agent.route import PolicyError, RoutingPolicy
     from infer.agent.service import Agent
@@ -231,7 +234,7 @@ def _make_agent(policy, engines, store):
         router = RoutingPolicy.default(engines) if policy is None else policy.build(engines)
     except PolicyError as e:
         raise UserError(f"--policy {e}") from None
-    return Agent(router, store)
+    return Agent(router, store, summarize=summarize)
 
 
 class _DrainingServer:

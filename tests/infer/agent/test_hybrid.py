@@ -229,6 +229,29 @@ def test_concurrent_sessions_never_see_each_others_turns(hybrid):
         assert all(set(ids) <= own for ids in contexts[name])  # every prompt held only this session's turns
 
 
+def test_evicted_turns_are_summarized_by_the_answering_model(hybrid):
+    import asyncio
+
+    from infer.agent.memory import ConversationStore
+    from infer.agent.route import RoutingPolicy
+    from infer.agent.service import Agent
+
+    engine = hybrid[0].router.by_name["local"].engine
+    store = ConversationStore(":memory:")
+    agent = Agent(RoutingPolicy.default({"tiny": engine}), store, summarize=True, summary_tokens=16)
+    sid = store.create(system="Be brief.")["id"]
+
+    async def talk():
+        return [[e async for e in agent.turn(sid, f"turn {i}: " + "lorem ipsum " * 8, max_tokens=8, temperature=0)]
+                for i in range(4)]
+
+    dones = [events[-1] for events in asyncio.run(talk())]
+    assert all(d["prompt_tokens"] + 8 <= CONTEXT for d in dones)
+    text, upto = store.summary(sid)  # the turns evicted so far, in the model's words (a random model's, here)
+    assert text and upto >= 1
+    assert min(dones[-1]["context_ids"]) > upto  # what the summary stands for is out of the prompt
+
+
 def test_killing_the_cloud_mid_conversation_makes_the_next_turn_fall_back(hybrid):
     agent, cloud = hybrid
     session = new_session(agent, title="outage")

@@ -278,3 +278,44 @@ def test_remote_token_count_bounds_the_plain_template_of_a_byte_model(engine):
     convo = [{"role": "system", "content": "Be brief."}] + [
         {"role": r, "content": c} for r, c in [("user", "hi"), ("assistant", "\ufffd\ufffdok"), ("user", "")]]
     assert remote.count_tokens(convo) >= local.count_tokens(convo)
+
+
+def test_a_refused_turn_is_stored_as_an_error_answer():
+    """After the user's text is stored, a refusal (no backend answered; privacy) is stored as an empty answer
+    with finish_reason "error", so the conversation keeps alternating; an unknown model stores nothing."""
+    import asyncio
+    import socket
+
+    from infer.agent.memory import ConversationStore
+    from infer.agent.service import Agent, TurnError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = RoutingPolicy.from_dict({"backends": [{"name": "cloud", "type": "remote", "url": f"http://127.0.0.1:{port}/v1",
+                                               "model": "m", "context": 512}]}).build({})
+    store = ConversationStore(":memory:")
+    agent = Agent(r, store)
+    sid = store.create()["id"]
+
+    async def turn(text, **kw):
+        return [e async for e in agent.turn(sid, text, **kw)]
+
+    async def main():
+        with pytest.raises(TurnError) as e:
+            await turn("hello")
+        assert e.value.status == 503 and e.value.message == "no backend could answer: cloud failed (connection refused)"
+        with pytest.raises(RouteError) as e:
+            await turn("mail ann@example.org")
+        assert e.value.status == 403
+        with pytest.raises(RouteError, match="model 'nope' is not a backend"):
+            await turn("x", model="nope")
+
+    asyncio.run(main())
+    stored = store.messages(sid)
+    assert [(m["role"], m["content"]) for m in stored] == [("user", "hello"), ("assistant", ""),
+                                                           ("user", "mail ann@example.org"), ("assistant", "")]
+    assert stored[1]["meta"] == {"backend": None, "reason": "no backend could answer: cloud failed (connection refused)",
+                                 "finish_reason": "error", "error": "no backend could answer: cloud failed "
+                                                                    "(connection refused)"}
+    assert stored[3]["meta"]["finish_reason"] == "error" and stored[3]["meta"]["reason"].startswith("privacy: ")
