@@ -1,7 +1,8 @@
 """The router: what privacy.py flags, the policy file's checks, and which backend each rule picks and why.
 
-One tiny engine (context 64, never started: planning only renders and counts) serves the module; remote backends point at a closed loopback port
-and are never contacted by `plan` (the end-to-end behaviour with real servers is test_hybrid.py's).
+One tiny engine (context 64, never started: planning only renders and counts) serves the module; remote
+backends point at a closed loopback port and are never contacted by `plan` (the end-to-end behaviour with
+real servers is test_hybrid.py's).
 """
 
 import subprocess
@@ -143,7 +144,7 @@ def test_explicit_model_and_tags(engine):
     assert names(r.plan(user("hi"), tags=["nothing-has-this"])) == ["cloud", "local"]
     # context outranks the explicit model: local cannot hold this conversation
     assert names(r.plan(user("y" * 200), model="local"))[0] == "cloud"
-    with pytest.raises(RouteError, match="model 'gpt-9' is not a backend of the routing policy; backends: cloud, local"):
+    with pytest.raises(RouteError, match="model 'gpt-9' is not a backend of the routing policy; backends: cloud, loc"):
         r.plan(user("hi"), model="gpt-9")
 
 
@@ -315,7 +316,6 @@ def test_a_refused_turn_is_stored_as_an_error_answer():
     stored = store.messages(sid)
     assert [(m["role"], m["content"]) for m in stored] == [("user", "hello"), ("assistant", ""),
                                                            ("user", "mail ann@example.org"), ("assistant", "")]
-    assert stored[1]["meta"] == {"backend": None, "reason": "no backend could answer: cloud failed (connection refused)",
-                                 "finish_reason": "error", "error": "no backend could answer: cloud failed "
-                                                                    "(connection refused)"}
+    refusal = "no backend could answer: cloud failed (connection refused)"
+    assert stored[1]["meta"] == {"backend": None, "reason": refusal, "finish_reason": "error", "error": refusal}
     assert stored[3]["meta"]["finish_reason"] == "error" and stored[3]["meta"]["reason"].startswith("privacy: ")
