@@ -260,7 +260,8 @@ function startRename(li, session) {
     const title = input.value.trim();
     if (!title) return cancel();
     guarded(async () => {
-      await apiJson("PATCH", "/sessions/" + encodeURIComponent(session.id), {title});
+      const renamed = await apiJson("PATCH", "/sessions/" + encodeURIComponent(session.id), {title});
+      if (state.current === renamed.id) els.title.textContent = renamed.title || "Untitled";
       await loadSessions();
     }).then(() => renderSessions());
   });

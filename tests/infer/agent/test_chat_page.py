@@ -142,6 +142,7 @@ def test_send_stream_reload_rename_delete(page, server):
     page.locator(f'#sessions li[data-id="{sid}"] .session-open').filter(has_text="Renamed").wait_for()
     assert httpx.get(f"{server.base}/v1/agent/sessions/{sid}", headers=auth()).json()["title"] == "Renamed <i>chat</i>"
     assert page.locator("#sessions i").count() == 0
+    assert page.get_by_role("heading", level=1).inner_text() == "Renamed <i>chat</i>"  # the open session's title
 
     # delete takes a confirming second click; the session is gone from the page and the server
     delete = page.locator(f'#sessions li[data-id="{sid}"] .session-delete')
