@@ -77,8 +77,13 @@ def hybrid(tmp_path_factory):
     from model.checkpoint import load_for_inference
 
     run = _checkpoint()
+    # the cloud is `python -m infer serve` with a policy file and a memory path of its own (its agent is not used
+    # by the test's routing; it checks that serve --policy/--memory load them)
+    cloud_dir = tmp_path_factory.mktemp("cloud")
+    (cloud_dir / "policy.yaml").write_text("backends:\n  - {name: cloud, type: local, engine: cloud, tags: [big]}\n")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the cloud compiles while the local engine does
-        cloud_future = pool.submit(ServeProcess, "--run", f"cloud={run}", "--memory", ":memory:", "--slots", "2")
+        cloud_future = pool.submit(ServeProcess, "--run", f"cloud={run}", "--slots", "2", "--policy",
+                                   str(cloud_dir / "policy.yaml"), "--memory", str(cloud_dir / "cloud.sqlite"))
         loaded = load_for_inference(run)
         engine = Engine(loaded.model, loaded.tokenizer, slots=2, max_queue=8, name="tiny")
         engine.start()
@@ -91,6 +96,7 @@ def hybrid(tmp_path_factory):
                             "context": 4096}],
               "order": ["cloud", "local"], "health": {"max_recent_errors": 2, "error_window_s": 600}}
     agent = AgentServer(engine, policy, tmp_path_factory.mktemp("agent") / "agent.sqlite")
+    cloud.dir = cloud_dir
     yield agent, cloud
     agent.stop()
     cloud.kill()
@@ -200,11 +206,12 @@ def test_agent_api_errors_are_openai_error_objects_and_the_page_is_public(hybrid
     backends = agent.client.get("/v1/agent/backends").json()["data"]
     assert [(b["name"], b["local"], b["context"]) for b in backends] == [
         ("cloud", False, CONTEXT), ("local", True, CONTEXT), ("cloud-big", False, 4096)]  # unlisted in order: last
-    # `python -m infer serve` (the cloud) carries the agent too: the default policy, its served model as local
+    # `python -m infer serve` (the cloud) carries the agent too, with its --policy and its --memory file
     _, cloud = hybrid
     assert httpx.get(cloud.base + "/").status_code == 200
-    assert [(b["name"], b["local"]) for b in httpx.get(cloud.base + "/v1/agent/backends").json()["data"]] == \
-        [("cloud", True)]
+    assert [(b["name"], b["local"], b["tags"]) for b in httpx.get(cloud.base + "/v1/agent/backends").json()["data"]] \
+        == [("cloud", True, ["big"])]
+    assert (cloud.dir / "cloud.sqlite").is_file()
 
 
 def test_concurrent_sessions_never_see_each_others_turns(hybrid):
