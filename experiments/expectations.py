@@ -91,7 +91,13 @@ def recipe_paths(root: Path = EXPERIMENTS_DIR) -> dict[str, Path]:
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())]
 
     paths = sorted(root.glob("*.yaml"), key=key) + sorted(root.glob("*/*.yaml"), key=key)
-    return {p.relative_to(root).with_suffix("").as_posix(): p for p in paths}
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in paths if not is_routing_policy(p)}
+
+
+def is_routing_policy(path: Path) -> bool:
+    """A serving routing policy (`experiments/hybrid.yaml`, read by infer/agent/route.py: a top-level
+    `backends:` list) lives beside the recipes but is not a training recipe."""
+    return any(line.startswith("backends:") for line in path.read_text().splitlines())
 
 
 def find_recipe(name: str, root: Path = EXPERIMENTS_DIR) -> Path:

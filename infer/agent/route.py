@@ -1,6 +1,6 @@
 """The routing policy: which backend answers a conversation, which ones follow if it fails, and why.
 
-    router = RoutingPolicy.from_yaml("experiments/hybrid.yml", engines)   # engines: {name: Engine}
+    router = RoutingPolicy.from_yaml("experiments/hybrid.yaml", engines)   # engines: {name: Engine}
     router = RoutingPolicy.default(engines)                                # every engine local, in order
     choices = router.plan(messages, model=None, tags=())                   # [Choice(backend, reason), ...]
 

@@ -3,7 +3,7 @@
     python -m infer serve --run runs/quickstart --port 8000
     JAXLM_API_KEY=secret python -m infer serve --run a=runs/a --run b=runs/b --host 0.0.0.0
     python -m infer serve --run runs/llama --mesh tensor=8 --slots 32   # one model over 8 devices
-    python -m infer serve --run tiny=runs/tiny --policy experiments/hybrid.yml --memory chats.sqlite
+    python -m infer serve --run tiny=runs/tiny --policy experiments/hybrid.yaml --memory chats.sqlite
 
 Every server also carries the agent layer (infer/agent/): the chat page at `/` and /v1/agent/*,
 routing over the policy file given with --policy (default: every served model as a local

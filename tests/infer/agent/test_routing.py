@@ -217,7 +217,7 @@ def test_policy_names_served_engines_and_key_variables(tmp_path, engine, monkeyp
 
 
 def test_the_example_hybrid_policy_is_valid():
-    policy = RoutingPolicy.load(ROOT / "experiments/hybrid.yml")
+    policy = RoutingPolicy.load(ROOT / "experiments/hybrid.yaml")
     policy.check_engines(["local"])
     assert [b.type for b in policy.backends] == ["local", "remote"] and policy.order == ("cloud", "local")
     assert set(policy.local_only) == {"email", "phone", "card", "secret"}
