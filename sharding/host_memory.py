@@ -136,6 +136,7 @@ class HeapWatch:
     SLACK = 4 << 20  # bytes in use after a step may exceed those before it by this much (new arrays)
     TIMEOUT_S = 0.05  # the longest wait for a step's temporaries to be freed
     GIVE_UP_AFTER = 10  # consecutive waits that time out (in use grows by itself): stop waiting
+    REGROW_CALLS = 50  # a heap grown back to its size before the last trim: trimmed again at most this often
 
     def __init__(self):
         self.trims = 0
@@ -144,7 +145,10 @@ class HeapWatch:
         self.timeouts = 0
         self._timeouts_in_a_row = 0
         self._before: int | None = None
-        self._size = 0
+        self._size = 0  # the largest heap seen
+        self._trimmed_to = 0  # the heap's size after the last trim
+        self._calls = 0
+        self._last_trim = 0
         self._libc = _glibc() if (_status or "").startswith("on") else None
         if self._libc is not None and hasattr(self._libc, "mallinfo2") and hasattr(self._libc, "malloc_trim"):
             self._libc.mallinfo2.restype = _MallInfo2
@@ -182,14 +186,19 @@ class HeapWatch:
 
     def __call__(self) -> bool:
         """After a step's outputs were read: wait for its temporaries to be freed (if
-        `before_step` was called), then trim if the heap grew since the last call (or this is the
-        first call: the set-up and the first step leave holes); True if it trimmed."""
+        `before_step` was called), then trim if the heap is larger than ever before (or this is the
+        first call: the set-up and the first step leave holes), or if it grew back above its size
+        after the last trim and that trim was REGROW_CALLS calls ago or more (a checkpoint save's
+        allocations, between the steps' blocks, refill the heap a trim had shrunk; not at once, or a
+        heap whose top each step reuses would be trimmed and faulted in again every step); True if
+        it trimmed."""
         if self._libc is None:
             return False
         if self._before is not None:
             self._settle()
+        self._calls += 1
         size = self._libc.mallinfo2().arena
-        grew = size > self._size
+        grew = size > self._size or (size > self._trimmed_to and self._calls - self._last_trim >= self.REGROW_CALLS)
         self._size = max(size, self._size)
         if grew:
             self.trim()
@@ -200,6 +209,8 @@ class HeapWatch:
         if self._libc is not None:
             self._libc.malloc_trim(0)
             self.trims += 1
+            self._trimmed_to = self._libc.mallinfo2().arena
+            self._last_trim = self._calls
 
 
 def keep_freed_host_memory_or_exit(prog: str) -> str:

@@ -156,3 +156,31 @@ print(json.dumps({"waited": waited, "waits": watch.waits, "timeouts": watch.time
     assert r["waits"] == 2 and r["timeouts"] == 1, r
     assert r["waited"] >= 0.015, r  # it waited for the other thread's free
     assert r["timeout"] <= r["timed_out_after"] < r["timeout"] + 0.5, r
+
+
+@pytest.mark.skipif(host_memory._glibc() is None, reason="mallinfo2/malloc_trim are glibc's")
+def test_heap_watch_trims_a_heap_grown_back_after_a_trim_but_not_every_call():
+    """A trim shrinks the heap; growing back to the old size (not beyond it) is trimmed again, but
+    only once REGROW_CALLS calls have passed since the last trim."""
+    script = r"""
+import ctypes, json, sys
+sys.path.insert(0, sys.argv[1])
+from sharding.host_memory import HeapWatch, keep_freed_host_memory
+keep_freed_host_memory()
+libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]
+def churn():  # 64 MB at the top of the heap, freed: the heap grows to hold it and keeps it
+    b = libc.malloc(64 << 20); ctypes.memset(b, 1, 64 << 20); libc.free(b)
+watch = HeapWatch()
+churn(); first = watch()                         # larger than ever: trims (the top goes back)
+churn(); soon = watch()                          # back to the old size right after a trim: left alone
+later = [watch() for _ in range(watch.REGROW_CALLS)]  # trimmed once REGROW_CALLS calls have passed
+print(json.dumps({"first": first, "soon": soon, "later": [i for i, t in enumerate(later) if t],
+                  "regrow": watch.REGROW_CALLS, "trims": watch.trims}))
+"""
+    env = {**os.environ, host_memory.ENV: "1", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # calls: 1 = first (trims), 2 = soon, 3.. = later; the second trim is call 1 + REGROW_CALLS
+    assert r["first"] and not r["soon"] and r["trims"] == 2, r
+    assert r["later"] == [r["regrow"] - 2], r
