@@ -173,7 +173,10 @@ class ConversationStore:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise ValueError(f"schema version {version}; this jaxlm reads version {SCHEMA_VERSION}")
-            self._db.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            # IMMEDIATE: a deferred BEGIN would take its write lock only at the first CREATE, and a second
+            # process opening the same file then gets "database is locked" at once (SQLite does not wait
+            # on a read-to-write upgrade); IMMEDIATE waits its turn under the busy timeout
+            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except (sqlite3.Error, OSError, ValueError) as e:
             raise ValueError(f"{self.path}: not a usable conversation store ({e})") from None
 

@@ -247,3 +247,21 @@ def test_context_summarizes_newly_evicted_turns_and_survives_a_failing_summarize
     assert got.tokens <= budget and store.summary(sid) == before
     plain = store.context(sid, count, budget)
     assert plain == got
+
+
+def test_several_processes_open_and_write_one_store_at_once(tmp_path):
+    """Two servers over one run directory share its agent.sqlite: opening a fresh file from several
+    processes at once must wait its turn, not fail with "database is locked"."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared.sqlite"
+    code = ("import sys\nfrom infer.agent.memory import ConversationStore\ns = ConversationStore(sys.argv[1])\n"
+            "for i in range(50):\n    s.append(s.create(title=f't{i}')['id'], 'user', 'hello')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    from infer.agent.memory import ConversationStore
+
+    assert len(ConversationStore(path).list()) == 150
