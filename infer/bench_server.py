@@ -25,7 +25,7 @@ latency; then the ratio of output tokens/s (N slots / 1 slot). Every request has
 time limit (`--time-limit`); one still running then is cancelled (counted as not completed).
 
 With `--response-format json_schema` (or `json_object`) every scenario also runs, on each server
-right after its plain run, with that response_format on every request (BENCH_SCHEMA: a bounded
+right after its plain run, with that response_format on every request (bench_response_format: a bounded
 object of strings, integers, enums and an array), and the report adds the structured-output
 overhead: TPOT p50 with the schema / TPOT p50 without, per scenario and server (constrained decoding
 computes a token mask per step and runs the decode loop unpipelined; infer/structured.py).
@@ -120,26 +120,30 @@ def arrival_offsets(n: int, rate: float, seed: int) -> np.ndarray:
     return np.cumsum(gaps)
 
 
-# The schema of `--response-format json_schema`: every output bounded (strings by maxLength, the
-# array by maxItems), long enough that TPOT is measured over many constrained tokens.
-BENCH_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "title": {"type": "string", "maxLength": 40},
-        "kind": {"enum": ["function", "class", "module", "test"]},
-        "lines": {"type": "integer", "minimum": 0, "maximum": 100000},
-        "args": {"type": "array", "maxItems": 6, "items": {
-            "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
-                                             "optional": {"type": "boolean"}},
-            "required": ["name", "optional"], "additionalProperties": False}},
-        "summary": {"type": "string", "maxLength": 120},
-    },
-    "required": ["title", "kind", "lines", "args", "summary"], "additionalProperties": False,
-}
-RESPONSE_FORMATS = {
-    "json_schema": {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA, "strict": True}},
-    "json_object": {"type": "json_object"},
-}
+RESPONSE_FORMAT_NAMES = ("json_object", "json_schema")
+
+
+def bench_response_format(name: str) -> dict:
+    """The response_format of `--response-format NAME` (a new dict per call: no module state). The
+    json_schema one bounds every output (strings by maxLength, the array by maxItems) and is long
+    enough that TPOT is measured over many constrained tokens."""
+    if name == "json_object":
+        return {"type": "json_object"}
+    schema = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 40},
+            "kind": {"enum": ["function", "class", "module", "test"]},
+            "lines": {"type": "integer", "minimum": 0, "maximum": 100000},
+            "args": {"type": "array", "maxItems": 6, "items": {
+                "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                 "optional": {"type": "boolean"}},
+                "required": ["name", "optional"], "additionalProperties": False}},
+            "summary": {"type": "string", "maxLength": 120},
+        },
+        "required": ["title", "kind", "lines", "args", "summary"], "additionalProperties": False,
+    }
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema, "strict": True}}
 
 
 def request_body(req: BenchRequest, response_format: dict | None = None) -> dict:
@@ -400,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=900.0,
                    help="seconds a server may take to load and compile (default 900)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
-    p.add_argument("--response-format", choices=sorted(RESPONSE_FORMATS), default=None,
+    p.add_argument("--response-format", choices=RESPONSE_FORMAT_NAMES, default=None,
                    help="also run every scenario with this response_format and report the TPOT ratio "
                         "(structured output's overhead)")
     return p
@@ -465,7 +469,7 @@ def bench(args: argparse.Namespace) -> dict:
         # the first prefill of bucket 64 compiled again, 4.5 s) is then out of every scenario.
         formats = [("text", None)]
         if args.response_format:
-            formats.append((args.response_format, RESPONSE_FORMATS[args.response_format]))
+            formats.append((args.response_format, bench_response_format(args.response_format)))
         for s in servers.values():
             for _, fmt in formats:  # (the schema compiles here, once per server, then comes from the cache)
                 asyncio.run(run_scenario(s.base, requests, np.zeros(len(requests)), args.time_limit, fmt))
@@ -504,7 +508,7 @@ def bench(args: argparse.Namespace) -> dict:
                      "max_tokens": {"range": list(output_range), "mean": float(np.mean(tokens[1]))},
                      "corpus": [f"stdlib/{f}" for f in CORPUS_FILES], "temperature": 0.0},
         "slots": args.slots, "rows": rows, "ratios": ratios, "server_exit_codes": exits,
-        "response_format": RESPONSE_FORMATS.get(args.response_format), "format_overhead": overhead,
+        "response_format": bench_response_format(args.response_format) if args.response_format else None, "format_overhead": overhead,
     }
 
 

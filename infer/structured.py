@@ -36,7 +36,7 @@ import collections
 import concurrent.futures
 import json
 import threading
-import weakref
+import types
 from typing import Any
 
 import numpy as np
@@ -46,8 +46,9 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_CACHE_SIZE = 128
 # llguidance's limits: initial_lexer_fuel bounds building a regex (~50k units/ms; its default 1M
 # lets `(a{1000}){1000}` run for a second before failing), step_lexer_fuel each mask step.
-LIMITS = dict(initial_lexer_fuel=100_000, step_lexer_fuel=200_000, max_grammar_size=200_000, verbose_errors=False)
-JSON_OPTIONS = {"whitespace_flexible": False, "lenient": False}
+LIMITS = types.MappingProxyType(dict(initial_lexer_fuel=100_000, step_lexer_fuel=200_000, max_grammar_size=200_000,
+                                     verbose_errors=False))
+JSON_OPTIONS = types.MappingProxyType({"whitespace_flexible": False, "lenient": False})
 
 
 class StructuredOutputError(ValueError):
@@ -82,10 +83,6 @@ def _first_line(text: str) -> str:
 
 
 # ---- the tokenizer as llguidance sees it --------------------------------------------------------
-
-_LL_TOKENIZERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
-_LL_LOCK = threading.Lock()
-
 
 class _Vocab:
     """The duck-typed tokenizer llguidance.TokenizerWrapper reads: each id's bytes (control tokens
@@ -122,27 +119,19 @@ def _token_bytes(tokenizer, i: int) -> bytes:
 
 
 def ll_tokenizer(tokenizer):
-    """The llguidance LLTokenizer of a jaxlm tokenizer (model/tokenizer.py), made once per tokenizer.
+    """The llguidance LLTokenizer of a jaxlm tokenizer (model/tokenizer.py) (GrammarCompiler keeps one).
     Byte and char vocabularies are given token by token; a BPE (byte-level, Hugging Face) is handed
     to llguidance whole, which maps its byte-level pieces itself. A tokenizer without EOS gets a
     virtual one one past the vocabulary (the model can never choose it, so such a request ends when
     its grammar is complete)."""
     import llguidance
 
-    with _LL_LOCK:
-        got = _LL_TOKENIZERS.get(tokenizer)
-        if got is not None:
-            return got
-        eos = tokenizer.eos_id
-        if tokenizer.kind == "bpe":
-            ll = llguidance.LLTokenizer(tokenizer._tok.to_str(), n_vocab=tokenizer.vocab_size, eos_token=eos)
-        else:
-            n = tokenizer.vocab_size + (eos is None)
-            eos = tokenizer.vocab_size if eos is None else eos
-            ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tokenizer, n, eos)), n_vocab=n,
-                                        eos_token=eos)
-        _LL_TOKENIZERS[tokenizer] = ll
-        return ll
+    eos = tokenizer.eos_id
+    if tokenizer.kind == "bpe":
+        return llguidance.LLTokenizer(tokenizer._tok.to_str(), n_vocab=tokenizer.vocab_size, eos_token=eos)
+    n = tokenizer.vocab_size + (eos is None)
+    eos = tokenizer.vocab_size if eos is None else eos
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocab(tokenizer, n, eos)), n_vocab=n, eos_token=eos)
 
 
 # ---- grammars and matchers ----------------------------------------------------------------------
@@ -213,6 +202,14 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="grammar")
         self.compiled = 0  # compiles run (cache misses), for tests and metrics
+        self._ll = None  # the tokenizer as llguidance sees it, made at the first compile
+        self._ll_lock = threading.Lock()  # not self._lock: cache hits must not wait on building it
+
+    def _ll_tokenizer(self):
+        with self._ll_lock:
+            if self._ll is None:
+                self._ll = ll_tokenizer(self.tokenizer)
+            return self._ll
 
     @staticmethod
     def key(response_format: dict) -> str | None:
@@ -296,11 +293,11 @@ class GrammarCompiler:
     def _build(self, key: str) -> Grammar:
         from llguidance import LLMatcher, LLParserLimits
 
-        tok = ll_tokenizer(self.tokenizer)
+        tok = self._ll_tokenizer()
         limits = LLParserLimits(**LIMITS)
         schema = json.loads(key)
         param = "response_format.json_schema.schema"
-        grammar = LLMatcher.grammar_from_json_schema(key, overrides=JSON_OPTIONS)
+        grammar = LLMatcher.grammar_from_json_schema(key, overrides=dict(JSON_OPTIONS))
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tok, limits=limits)
         if is_error:
             raise StructuredOutputError(f"{param}: {_first_line(messages[0]) if messages else 'invalid schema'}",
@@ -315,7 +312,7 @@ class GrammarCompiler:
             # as written, and anchored: an unanchored pattern is built only when the text reaches it
             for regex in (pattern, f"^(?:{pattern})$"):
                 alone = LLMatcher(tok, LLMatcher.grammar_from_json_schema({"type": "string", "pattern": regex},
-                                                                          overrides=JSON_OPTIONS),
+                                                                          overrides=dict(JSON_OPTIONS)),
                                   log_level=0, limits=limits)
                 alone.compute_bitmask()
                 alone.consume_tokens(quote)

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import re
+import types
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 
 PAGE_DIR = Path(__file__).resolve().parent / "page"
-_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+_PAGE_TYPES = types.MappingProxyType({".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
-               ".ico": "image/x-icon", ".json": "application/json"}
+               ".ico": "image/x-icon", ".json": "application/json"})
 _PAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MESSAGE_KEYS = ("content", "model", "tags", "max_tokens", "temperature", "seed", "stream")
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from collections import Counter
 
 KINDS = ("email", "phone", "card", "secret")
-DESCRIPTIONS = {"email": "e-mail address", "phone": "phone number", "card": "card number", "secret": "secret/API key"}
+DESCRIPTIONS = types.MappingProxyType({"email": "e-mail address", "phone": "phone number", "card": "card number",
+                                       "secret": "secret/API key"})
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*"
                     r"\.[A-Za-z]{2,24}\b")

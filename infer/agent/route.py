@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ TYPES = ("local", "remote")
 TOP_KEYS = ("backends", "order", "privacy", "health")
 LOCAL_KEYS = ("name", "type", "engine", "tags")
 REMOTE_KEYS = ("name", "type", "url", "model", "context", "api_key_env", "timeout_s", "tags")
-HEALTH_DEFAULTS = {"error_window_s": 60.0, "max_recent_errors": 3, "max_queue": 32}
+HEALTH_DEFAULTS = types.MappingProxyType({"error_window_s": 60.0, "max_recent_errors": 3, "max_queue": 32})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

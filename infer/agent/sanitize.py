@@ -37,6 +37,7 @@ Refused with SanitizeError (HTTP 400, one line, `.param` names the field): a non
 from __future__ import annotations
 
 import re
+import types
 import unicodedata
 from typing import NamedTuple
 
@@ -44,14 +45,14 @@ MAX_CHARS = 32_000
 
 _LINE_ENDS = re.compile("\r\n|[\r\u2028\u2029]")
 _VS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
-CLASSES: dict[str, re.Pattern] = {  # class -> what it removes (order matters only for the counts' order)
+CLASSES: "types.MappingProxyType[str, re.Pattern]" = types.MappingProxyType({  # class -> what it removes (order matters only for the counts' order)
     "control": re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]"),
     "tag": re.compile("[\U000e0000-\U000e007f]"),
     "bidi": re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]"),
     "zero_width": re.compile("[\u200b-\u200d\u2060-\u2064\ufeff\u180e\u00ad]"),
     "variation_selector": re.compile(f"(?<=[{_VS}])[{_VS}]"),
     "surrogate": re.compile("[\ud800-\udfff]"),
-}
+})
 
 
 class SanitizeError(ValueError):

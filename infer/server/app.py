@@ -69,6 +69,19 @@ class ServerState:
     start_error: str | None = None
     in_flight: int = 0
     idle: threading.Event = field(default_factory=threading.Event)
+    _inbox: Any = None
+
+    def inbox(self):
+        """The engine-event inbox of the loop serving this app (infer/server/generation.py), made on
+        first use on that loop: app state, not module state, so two apps never share one."""
+        import asyncio
+
+        from infer.server.generation import EventInbox
+
+        loop = asyncio.get_running_loop()
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = EventInbox(loop)
+        return self._inbox
 
     @property
     def ready(self) -> bool:
@@ -449,7 +462,7 @@ async def _completions(state: ServerState, request: Request):
     _check_capacity(served, len(options))
     if req.echo:
         texts = [t if t is not None else served.tokenizer.decode(ids) for t, ids in zip(texts, prompts)]
-    gen = Generation(served, state.metrics, prompts, options, prompt_of, deadline, state.retry_after_s)
+    gen = Generation(served, state.metrics, prompts, options, prompt_of, deadline, state.retry_after_s, state.inbox())
     gen.watch_disconnect(request)
     rid, created = new_id("cmpl"), now()
     if req.stream:
@@ -593,7 +606,7 @@ async def _chat(state: ServerState, request: Request):
     options = [_options(req, served, max_tokens, j, stops, stop_ids, logprobs=logprobs, grammar=grammar)
                for j in range(req.n)]
     _check_capacity(served, len(options))
-    gen = Generation(served, state.metrics, [ids], options, [0] * req.n, deadline, state.retry_after_s)
+    gen = Generation(served, state.metrics, [ids], options, [0] * req.n, deadline, state.retry_after_s, state.inbox())
     gen.watch_disconnect(request)
     rid, created = new_id("chatcmpl"), now()
     if req.stream:

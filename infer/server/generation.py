@@ -1,7 +1,7 @@
 """One HTTP request's sequences in the engine, seen from the event loop.
 
 The engine calls `on_event` from its own thread; each call only appends to the loop's inbox
-(`_Inbox`), so the loop never waits on JAX or on an engine lock. The inbox wakes the loop once
+(`EventInbox`), so the loop never waits on JAX or on an engine lock. The inbox wakes the loop once
 (`call_soon_threadsafe`) for all the events that arrive until the loop drains it, so a decode step
 of 8 requests costs one or two loop wake-ups, not 8. A request with several prompts or `n` > 1
 submits one engine request per choice and reads their events from one queue in arrival order;
@@ -36,16 +36,20 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest, "little")
 
 
-class _Inbox:
+class EventInbox:
     """Events from engine threads to one event loop. The first event after a drain schedules one
     drain (`call_soon_threadsafe`, a write to the loop's wake-up pipe); the events that arrive
     before the loop runs it ride along, so one wake-up serves a whole decode step under load."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = weakref.ref(loop)  # the registry below is keyed by the loop: no strong cycle
+        self._loop = weakref.ref(loop)  # its owner (the app's state) may outlive the loop
         self._lock = threading.Lock()
         self._items: list = []
         self._scheduled = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop()
 
     def put(self, receive, i: int, ev) -> None:
         """Engine thread: queue `receive(i, ev)` to run on the loop, in order."""
@@ -69,15 +73,6 @@ class _Inbox:
             receive(i, ev)
 
 
-_inboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox]" = weakref.WeakKeyDictionary()
-
-
-def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
-    """The loop's inbox (one per event loop; created on the loop's thread, so no lock)."""
-    box = _inboxes.get(loop)
-    if box is None:
-        box = _inboxes[loop] = _Inbox(loop)
-    return box
 
 
 @dataclass
@@ -100,13 +95,15 @@ class Generation:
     deadline or exit. Engine errors at submit become ProtocolErrors (429 for a full queue)."""
 
     def __init__(self, served, metrics, prompts: Sequence[list[int]], options: Sequence[Any],
-                 prompt_of: Sequence[int], deadline: float, retry_after_s: int):
+                 prompt_of: Sequence[int], deadline: float, retry_after_s: int, inbox: EventInbox | None = None):
         from infer.engine import EngineError, QueueFull, PromptTooLong
 
         self.served, self.metrics, self.deadline = served, metrics, deadline
         self._itl = metrics.itl.labels(served.name)  # observed per token: the labelled child looked up once
         self.loop = asyncio.get_running_loop()
-        self._inbox = _inbox(self.loop)
+        # the app's one inbox for its loop (ServerState.inbox()), so one wake-up serves every request's
+        # events of a decode step; without one, this request's own
+        self._inbox = inbox if inbox is not None else EventInbox(self.loop)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seqs = [Sequence_(p, list(prompts[p])) for p in prompt_of]
         self.cancelled = False
