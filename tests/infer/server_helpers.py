@@ -33,22 +33,43 @@ _server: "InProcessServer | None" = None
 _agent_server: "InProcessServer | None" = None
 
 
+def save_tiny_run(run: Path, model: dict) -> Path:
+    """Save a random gpt2-nano byte-level model with the settings `model` as run directory `run`
+    (one checkpoint, step 1), as `python -m infer serve --run` reads it; returns `run`."""
+    from flax import nnx
+
+    from model import build_model, preset
+    from model.checkpoint import save_model
+    from model.tokenizer import ByteTokenizer
+
+    weights = nnx.to_pure_dict(nnx.state(build_model(preset("gpt2-nano", **model), seed=0)))
+    save_model(run / "checkpoints", 1, weights, {"model": {"preset": "gpt2-nano", **model}}, ByteTokenizer().to_json())
+    return run
+
+
+def serve_in_thread(app, *, backlog: int = 128):
+    """Serve `app` with uvicorn in a daemon thread on a free 127.0.0.1 port, once /health answers 200.
+    Returns (base URL, uvicorn server, thread); stop with `server.should_exit = True; thread.join()`."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_healthy(base)
+    return base, server, thread
+
+
 def tiny_checkpoint() -> Path:
     """A run directory holding a random 1-layer byte-level model (init_std 0.5: peaked logits, so
     greedy outputs do not hinge on float rounding), made once per process."""
     global _checkpoint
     with _lock:
         if _checkpoint is None:
-            from flax import nnx
-
-            from model import build_model, preset
-            from model.checkpoint import save_model
-            from model.tokenizer import ByteTokenizer
-
-            run = Path(tempfile.mkdtemp(prefix="jaxlm-serve-")) / "tiny"
-            model = build_model(preset("gpt2-nano", **MODEL), seed=0)
-            config = {"model": {"preset": "gpt2-nano", **MODEL}}
-            save_model(run / "checkpoints", 1, nnx.to_pure_dict(nnx.state(model)), config, ByteTokenizer().to_json())
+            run = save_tiny_run(Path(tempfile.mkdtemp(prefix="jaxlm-serve-")) / "tiny", MODEL)
             _checkpoint = run
         return _checkpoint
 
@@ -74,8 +95,6 @@ class InProcessServer:
                  model=None, tokenizer=None, agent: bool = False):
         """Serves `model` (default: the tiny checkpoint's, loaded as `python -m infer serve` does); with
         `agent`, also the agent layer (the chat page, /v1/agent/*) over its engine, sessions in a temp SQLite file."""
-        import uvicorn
-
         from infer.engine import Engine
         from infer.server.app import create_app
         from model.checkpoint import load_for_inference
@@ -95,15 +114,8 @@ class InProcessServer:
             store = ConversationStore(Path(tempfile.mkdtemp(prefix="jaxlm-agent-")) / "sessions.sqlite")
             self.agent = Agent(RoutingPolicy.default({name: self.engine}), store, max_tokens_default=48)
         self.app = create_app([self.engine], api_key=api_key, request_timeout_s=120, agent=self.agent)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        wait_healthy(self.base)
+        self.base, self.server, self.thread = serve_in_thread(self.app)
+        self.port = int(self.base.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -15,6 +15,7 @@ import pytest
 
 from infer import bench_server
 from infer.bench_server import BenchRequest, RequestResult, arrival_offsets, make_workload, summarize
+from tests.infer.server_helpers import save_tiny_run
 
 MODEL = dict(vocab_size=257, n_layers=1, d_model=32, n_heads=2, max_seq_len=32)
 
@@ -22,17 +23,7 @@ MODEL = dict(vocab_size=257, n_layers=1, d_model=32, n_heads=2, max_seq_len=32)
 @pytest.fixture(scope="module")
 def tiny_run() -> Path:
     """A random 1-layer byte-level model with a 32-token context, saved as a run directory."""
-    from flax import nnx
-
-    from model import build_model, preset
-    from model.checkpoint import save_model
-    from model.tokenizer import ByteTokenizer
-
-    run = Path(tempfile.mkdtemp(prefix="jaxlm-bench-server-")) / "tiny"
-    model = build_model(preset("gpt2-nano", **MODEL), seed=0)
-    save_model(run / "checkpoints", 1, nnx.to_pure_dict(nnx.state(model)), {"model": {"preset": "gpt2-nano", **MODEL}},
-               ByteTokenizer().to_json())
-    return run
+    return save_tiny_run(Path(tempfile.mkdtemp(prefix="jaxlm-bench-server-")) / "tiny", MODEL)
 
 
 def test_workload_is_seeded_and_fits_the_context():

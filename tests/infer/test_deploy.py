@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.infer.server_helpers import wait_healthy
+from tests.infer.server_helpers import save_tiny_run, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "experiments" / "deploy"
@@ -76,17 +76,8 @@ def unit():
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     """A random 1-layer byte-level checkpoint with a 16-token context (two prefill buckets to compile)."""
-    from flax import nnx
-
-    from model import build_model, preset
-    from model.checkpoint import save_model
-    from model.tokenizer import ByteTokenizer
-
     cfg = dict(vocab_size=257, n_layers=1, d_model=32, n_heads=2, max_seq_len=16)
-    run = tmp_path_factory.mktemp("deploy") / "tiny"
-    save_model(run / "checkpoints", 1, nnx.to_pure_dict(nnx.state(build_model(preset("gpt2-nano", **cfg), seed=0))),
-               {"model": {"preset": "gpt2-nano", **cfg}}, ByteTokenizer().to_json())
-    return run
+    return save_tiny_run(tmp_path_factory.mktemp("deploy") / "tiny", cfg)
 
 
 def _free_port() -> int:

@@ -10,15 +10,13 @@ killed, the next turn falls back to the local engine and says why (header, event
 import concurrent.futures
 import json
 import re
-import socket
 import tempfile
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.infer.server_helpers import ServeProcess, wait_healthy
+from tests.infer.server_helpers import ServeProcess, save_tiny_run, serve_in_thread
 
 API_KEY = "agent-test-key-0123"
 CONTEXT = 256
@@ -27,25 +25,13 @@ TURN = {"max_tokens": 8, "temperature": 0}
 
 
 def _checkpoint() -> Path:
-    from flax import nnx
-
-    from model import build_model, preset
-    from model.checkpoint import save_model
-    from model.tokenizer import ByteTokenizer
-
-    run = Path(tempfile.mkdtemp(prefix="jaxlm-hybrid-")) / "tiny"
-    model = build_model(preset("gpt2-nano", **MODEL), seed=0)
-    save_model(run / "checkpoints", 1, nnx.to_pure_dict(nnx.state(model)), {"model": {"preset": "gpt2-nano", **MODEL}},
-               ByteTokenizer().to_json())
-    return run
+    return save_tiny_run(Path(tempfile.mkdtemp(prefix="jaxlm-hybrid-")) / "tiny", MODEL)
 
 
 class AgentServer:
     """create_app with an Agent (local engine + the policy's remote) under uvicorn in a daemon thread."""
 
     def __init__(self, engine, policy: dict, store_path: Path):
-        import uvicorn
-
         from infer.agent.memory import ConversationStore
         from infer.agent.route import RoutingPolicy
         from infer.agent.service import Agent
@@ -54,14 +40,7 @@ class AgentServer:
         self.router = RoutingPolicy.from_dict(policy, "test-policy").build({"tiny": engine})
         self.store = ConversationStore(store_path)
         self.app = create_app([engine], api_key=API_KEY, request_timeout_s=120, agent=Agent(self.router, self.store))
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        wait_healthy(self.base)
+        self.base, self.server, self.thread = serve_in_thread(self.app, backlog=64)
         self.client = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
 
     def stop(self):

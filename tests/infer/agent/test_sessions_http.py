@@ -7,14 +7,13 @@ over the same SQLite file, the first one shut down) lists and continues both ses
 from __future__ import annotations
 
 import json
-import socket
 import threading
 
 import httpx
 import pytest
 
 from infer.agent.memory import assemble
-from tests.infer.server_helpers import API_KEY, CONTEXT, auth, tiny_checkpoint, wait_healthy
+from tests.infer.server_helpers import API_KEY, CONTEXT, auth, serve_in_thread, tiny_checkpoint
 
 WINDOW = CONTEXT  # 1024 tokens (bytes): a turn is ~70, so after ~15 turns the oldest are evicted
 MAX_TOKENS = 3
@@ -28,8 +27,6 @@ class AgentServer:
     (the app's shutdown stops the engine, then the store is closed)."""
 
     def __init__(self, model, path):
-        import uvicorn
-
         from infer.agent.memory import ConversationStore
         from infer.agent.route import RoutingPolicy
         from infer.agent.service import Agent
@@ -40,15 +37,7 @@ class AgentServer:
         engine = Engine(model, ByteTokenizer(), slots=4, max_queue=16, name="tiny")
         self.store = ConversationStore(path)
         agent = Agent(RoutingPolicy.default({"tiny": engine}), self.store)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app([engine], api_key=API_KEY, agent=agent),
-                                                    log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        wait_healthy(self.base)
+        self.base, self.server, self.thread = serve_in_thread(create_app([engine], api_key=API_KEY, agent=agent))
 
     def stop(self) -> None:
         self.server.should_exit = True
