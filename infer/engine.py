@@ -187,8 +187,28 @@ class SlotState:
     seed: jax.Array
 
 
-def _materialize(graphdef, rest, layers):
+class StaticGraph:
+    """A model's nnx GraphDef as a jit static argument, hashed once. jit hashes its static
+    arguments on every call, and flax hashes a GraphDef by walking the whole graph in Python
+    (~25 us of the ~0.15 ms it takes the host to dispatch a decode step of the quickstart model)."""
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef: nnx.GraphDef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticGraph) and (other.graphdef is self.graphdef or
+                                                   (other._hash == self._hash and other.graphdef == self.graphdef))
+
+
+def _materialize(graph: StaticGraph, rest, layers):
     """The model from its per-layer weights (dequantized here when int8) and those weights."""
+    graphdef = graph.graphdef
     layers = dequantize_params(layers)
     blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)  # unused by the cached forward: dropped
     return nnx.merge(graphdef, {**dequantize_params(rest), "blocks": blocks}), layers
@@ -207,7 +227,10 @@ def _shard_state(state: SlotState, layout: Layout | None) -> SlotState:
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "layout"))
 def _init_state(*, cfg, slots: int, layout: Layout | None = None) -> SlotState:
     B, V = slots, cfg.vocab_size
-    cache = KVCache.init(cfg, batch=B, length=cfg.max_seq_len)
+    # Per-layer cache buffers (see KVCache): at B > 1 a step then reads each layer in place instead
+    # of copying it out of the stack. At one row XLA:CPU turns the row's write into an update that it
+    # duplicates for its two readers, copying each layer several times: there the stack is faster.
+    cache = KVCache.init(cfg, batch=B, length=cfg.max_seq_len, per_layer=B > 1)
     cache = dataclasses.replace(cache, index=jnp.zeros((B,), jnp.int32))
     f32 = lambda v: jnp.full((B,), v, jnp.float32)  # noqa: E731
     state = SlotState(cache, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B, V), bool),
@@ -217,11 +240,13 @@ def _init_state(*, cfg, slots: int, layout: Layout | None = None) -> SlotState:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout"), donate_argnames=("state",))
 def _prefill(rest, layers, state: SlotState, tokens, positions, targets, last, slot, temperature, top_k, top_p,
-             min_p, penalty, seed, *, graphdef, layout: Layout | None = None):
+             min_p, penalty, seed, echo, *, graphdef, layout: Layout | None = None):
     """Prefill one prompt (all but its last token) into slot `slot` and set the slot's settings.
     tokens, positions, targets: (1, Lp) int32, right-padded (position -1); targets[j] is the prompt
     token after column j; last: the prompt's last token (fed by the next decode step).
-    Returns the state and the prompt logprobs (Lp,) float32. layout: the mesh and rules the
+    Returns the state and the prompt logprobs (Lp,) float32, computed only when `echo` (bool):
+    else zeros, and the prefill skips the LM head (a quarter of its work on the quickstart model:
+    the next token comes from the decode step that feeds `last`). layout: the mesh and rules the
     state is split by (infer/sharded.py), None on one device."""
     model, layers = _materialize(graphdef, rest, layers)
     cfg = model.cfg
@@ -229,13 +254,21 @@ def _prefill(rest, layers, state: SlotState, tokens, positions, targets, last, s
     Lp = tokens.shape[1]
     one = None if layout is None else layout.for_batch(1)  # one row: replicated over the slots' axes
     with tracing(one):
-        cache = constrain_cache(KVCache.init(cfg, batch=1, length=Lp), one)
-        logits, cache = model(tokens, positions, cache=cache, layer_params=layers)  # (1, Lp, V)
-    logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)  # (Lp, V)
-    prompt_lp = jnp.take_along_axis(logp, targets[0, :, None], axis=-1)[:, 0]  # (Lp,)
+        cache = constrain_cache(KVCache.init(cfg, batch=1, length=Lp, per_layer=state.cache.per_layer), one)
+        hidden, cache = model(tokens, positions, cache=cache, layer_params=layers, head=False)  # (1, Lp, D)
+
+    def prompt_logprobs():
+        logp = jax.nn.log_softmax(model.logits(hidden)[0].astype(jnp.float32), axis=-1)  # (Lp, V)
+        return jnp.take_along_axis(logp, targets[0, :, None], axis=-1)[:, 0]  # (Lp,)
+
+    prompt_lp = jax.lax.cond(echo, prompt_logprobs, lambda: jnp.zeros((Lp,), jnp.float32))
     c, z = state.cache, jnp.zeros((), jnp.int32)
-    k = jax.lax.dynamic_update_slice(c.k, cache.k.astype(c.k.dtype), (z, slot, z, z, z))  # the row's [:Lp]
-    v = jax.lax.dynamic_update_slice(c.v, cache.v.astype(c.v.dtype), (z, slot, z, z, z))
+    if c.per_layer:  # the row's [:Lp], layer by layer
+        k = tuple(jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (slot, z, z, z)) for a, b in zip(c.k, cache.k))
+        v = tuple(jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (slot, z, z, z)) for a, b in zip(c.v, cache.v))
+    else:
+        k = jax.lax.dynamic_update_slice(c.k, cache.k.astype(c.k.dtype), (z, slot, z, z, z))
+        v = jax.lax.dynamic_update_slice(c.v, cache.v.astype(c.v.dtype), (z, slot, z, z, z))
     row = jnp.full((1, S), -1, jnp.int32).at[:, :Lp].set(positions)  # the rest of the row: empty
     pos = jax.lax.dynamic_update_slice(c.positions, row, (slot, z))
     n_before = jnp.sum(positions >= 0).astype(jnp.int32)  # the last token's position
@@ -416,7 +449,7 @@ class Engine:
         # weight on every call (see Transformer.__call__'s layer_params).
         self._layers = per_layer_params(params["blocks"], cfg.n_layers)
         self._rest = {k: v for k, v in params.items() if k != "blocks"}
-        self._graphdef = graphdef
+        self._graphdef = StaticGraph(graphdef)
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -638,7 +671,7 @@ class Engine:
         """Warm-up arguments of a prefill of bucket length Lp (an empty prompt into slot 0)."""
         z = np.zeros((1, Lp), np.int32)
         return (z, np.full((1, Lp), -1, np.int32), z, np.int32(0), np.int32(0), np.float32(1), np.int32(0),
-                np.float32(1), np.float32(0), np.float32(1), np.zeros(2, np.uint32))
+                np.float32(1), np.float32(0), np.float32(1), np.zeros(2, np.uint32), np.bool_(False))
 
     def _compile_all(self):
         """Compile every program ahead of time, several at once (XLA compiles outside the GIL, so
@@ -674,7 +707,7 @@ class Engine:
             self._rest, self._layers, self._state, tokens, positions, tgt, np.int32(last), np.int32(slot),
             np.float32(o.temperature), np.int32(min(o.top_k, self.vocab_size)), np.float32(o.top_p),
             np.float32(o.min_p), np.float32(o.repetition_penalty), np.asarray(seed, np.uint32),
-            graphdef=self._graphdef, layout=self.layout)
+            np.bool_(o.echo_logprobs), graphdef=self._graphdef, layout=self.layout)
         return lp  # left on device: reading it would wait for the decode step in flight
 
     def _step(self):

@@ -89,10 +89,14 @@ def constrain_cache(cache, layout: Layout | None):
     """A KVCache with every field constrained to CACHE_AXES (unchanged without a layout)."""
     if layout is None:
         return cache
-    layout = layout.for_batch(cache.k.shape[1])
-    fields = {name: layout.constrain(getattr(cache, name), CACHE_AXES[name][:getattr(cache, name).ndim])
-              for name in CACHE_AXES}
-    return dataclasses.replace(cache, **fields)
+    layout = layout.for_batch(cache.batch)
+
+    def constrain(name, x):
+        if isinstance(x, tuple):  # a per-layer cache's k or v: each layer without the layers axis
+            return tuple(layout.constrain(layer, CACHE_AXES[name][1:]) for layer in x)
+        return layout.constrain(x, CACHE_AXES[name][:x.ndim])
+
+    return dataclasses.replace(cache, **{name: constrain(name, getattr(cache, name)) for name in CACHE_AXES})
 
 
 def constrain_rows(x: jax.Array, layout: Layout | None) -> jax.Array:

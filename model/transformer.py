@@ -34,6 +34,11 @@ class KVCache:
 
     k: (n_layers, B, K, S, Dh) and v: (n_layers, B, K, Dh, S), the layouts XLA:CPU's attention dots
     read, so a decode step takes each layer out with one contiguous slice instead of a transpose;
+    or, `per_layer`, k and v are tuples of n_layers arrays (B, K, S, Dh) / (B, K, Dh, S): each
+    layer its own buffer, which a step writes in place and its attention reads as it is, where
+    a layer cut out of the stacked array after the write is a copy of it (at 8 rows, a fifth of
+    a decode step of the quickstart model; the serving engine's state, infer/engine.py). The
+    per-layer form needs the layers unrolled (a static layer index), not scanned.
     positions: (B, S) int32, -1 where a slot is empty (or holds left padding), which the position
     mask excludes; index: the next slot to write: () shared by rows, or (B,) one per row (the
     serving engine's slots, each request at its own position; infer/engine.py).
@@ -45,16 +50,29 @@ class KVCache:
     index: jax.Array
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any = None, *,
+             per_layer: bool = False) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
-        k_shape = (cfg.n_layers, batch, cfg.kv_heads, length, cfg.head_dim)
-        v_shape = (cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim, length)
-        return cls(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype),
-                   jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+        k_shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+        v_shape = (batch, cfg.kv_heads, cfg.head_dim, length)
+        if per_layer:
+            k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
+            v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
+        else:
+            k, v = jnp.zeros((cfg.n_layers, *k_shape), dtype), jnp.zeros((cfg.n_layers, *v_shape), dtype)
+        return cls(k, v, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.positions.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.positions.shape[0]
 
 
 def _write_positions(cache: KVCache, positions: jax.Array) -> jax.Array:
@@ -67,27 +85,45 @@ def _write_positions(cache: KVCache, positions: jax.Array) -> jax.Array:
 
 
 def _write_layer(ks, vs, layer, index, k, v):
-    """Write this segment's k, v (B, L, K, Dh) into layer `layer` of the stacked cache (KVCache's
-    layouts) from slot `index` on; return the updated (ks, vs). Written straight into the stack so
-    XLA updates it in place: cutting a layer out and writing it back copies the whole cache."""
-    layer, index = jnp.asarray(layer, jnp.int32), jnp.asarray(index, jnp.int32)
+    """Write this segment's k, v (B, L, K, Dh) into layer `layer` of the cache (KVCache's layouts,
+    stacked or per layer) from slot `index` on; return the updated (ks, vs). Written straight into
+    the stack so XLA updates it in place: cutting a layer out and writing it back copies the whole
+    cache."""
+    index = jnp.asarray(index, jnp.int32)
+    if isinstance(ks, tuple):  # per layer: `layer` is a Python int (unrolled layers)
+        kl, vl = _write_rows(ks[layer], vs[layer], (), index, k, v)
+        return _replace_at(ks, layer, kl), _replace_at(vs, layer, vl)
+    return _write_rows(ks, vs, (jnp.asarray(layer, jnp.int32),), index, k, v)
+
+
+def _write_rows(ks, vs, lead: tuple, index, k, v):
+    """_write_layer into buffers (*lead axes, B, K, S, Dh) / (*lead axes, B, K, Dh, S) at the
+    indices `lead` of the axes before the batch: () for one layer's buffer, (layer,) in the stack."""
     if index.ndim:  # one write index per row: row b's L new slots start at index[b]
         rows = jnp.arange(k.shape[0])[:, None]  # (B, 1)
         cols = index[:, None] + jnp.arange(k.shape[1], dtype=jnp.int32)  # (B, L)
-        ks = ks.at[layer, rows, :, cols, :].set(k.astype(ks.dtype), mode="drop")  # k: (B, L, K, Dh)
-        vs = vs.at[layer, rows, :, :, cols].set(v.astype(vs.dtype), mode="drop")
+        every = slice(None)
+        ks = ks.at[(*lead, rows, every, cols, every)].set(k.astype(ks.dtype), mode="drop")  # k: (B, L, K, Dh)
+        vs = vs.at[(*lead, rows, every, every, cols)].set(v.astype(vs.dtype), mode="drop")
         return ks, vs
-    zero = jnp.zeros((), jnp.int32)
-    ks = jax.lax.dynamic_update_slice(ks, k.transpose(0, 2, 1, 3)[None].astype(ks.dtype),
-                                      (layer, zero, zero, index, zero))  # as (B, K, L, Dh)
-    vs = jax.lax.dynamic_update_slice(vs, v.transpose(0, 2, 3, 1)[None].astype(vs.dtype),
-                                      (layer, zero, zero, zero, index))  # as (B, K, Dh, L)
+    zero, ones = jnp.zeros((), jnp.int32), (1,) * len(lead)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # as (B, K, L, Dh) and (B, K, Dh, L)
+    ks = jax.lax.dynamic_update_slice(ks, kt.reshape(ones + kt.shape).astype(ks.dtype),
+                                      (*lead, zero, zero, index, zero))
+    vs = jax.lax.dynamic_update_slice(vs, vt.reshape(ones + vt.shape).astype(vs.dtype),
+                                      (*lead, zero, zero, zero, index))
     return ks, vs
 
 
+def _replace_at(xs: tuple, i: int, x) -> tuple:
+    return xs[:i] + (x,) + xs[i + 1:]
+
+
 def _read_layer(ks, vs, layer):
-    """Layer `layer` of the stacked cache as the (B, S, K, Dh) keys and values attention takes
-    (views its dots read as stored: one contiguous slice each)."""
+    """Layer `layer` of the cache as the (B, S, K, Dh) keys and values attention takes (views its
+    dots read as stored: per layer the buffer itself, stacked one contiguous slice each)."""
+    if isinstance(ks, tuple):
+        return ks[layer].transpose(0, 2, 1, 3), vs[layer].transpose(0, 3, 1, 2)
     layer = jnp.asarray(layer, jnp.int32)
     k = jax.lax.dynamic_index_in_dim(ks, layer, axis=0, keepdims=False).transpose(0, 2, 1, 3)
     v = jax.lax.dynamic_index_in_dim(vs, layer, axis=0, keepdims=False).transpose(0, 3, 1, 2)
@@ -164,9 +200,11 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None,
                  dropout_key: jax.Array | None = None, layer_params: list | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 segment_ids: jax.Array | None = None, head: bool = True) -> tuple[jax.Array, KVCache | None]:
         """tokens: (B, L) int32; positions: (B, L) int32 (default 0..L-1; -1 marks left padding).
         Returns float32 logits (B, L, V) and the updated cache (None without one).
+        head=False: the final-normed hidden states (B, L, D) instead of logits (`logits()` makes
+        them logits), for a prefill that needs the logits of few or no columns.
 
         segment_ids: (B, L) int32, packed examples (training on conversations): a token attends only
         to earlier tokens of the same segment; pass positions restarting at 0 per example. Not with a
@@ -194,7 +232,7 @@ class Transformer(nnx.Module):
         else:
             x = self._run_unrolled(x, positions, layers_key, segment_ids)
         x = self.final_norm(x)
-        return self._logits(x), cache  # (B, L, V)
+        return (self.logits(x) if head else x), cache  # (B, L, V)
 
     def _dropout_keys(self, dropout_key):
         """(embedding key, layers key); both None when dropout is off (no key, or model.dropout 0)."""
@@ -212,8 +250,9 @@ class Transformer(nnx.Module):
         x = dropout(x, self.cfg.dropout, dropout_key)
         return with_logical_constraint(x, ("batch", "seq", None))
 
-    def _logits(self, x):
-        """(B, L, D) -> float32 logits (B, L, V) against the tied embedding or the separate head."""
+    def logits(self, x):
+        """Final-normed hidden states (B, L, D) -> float32 logits (B, L, V) against the tied
+        embedding or the separate head."""
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # (D, V)
         c = jnp.dtype(self.cfg.compute_dtype)
         return jnp.einsum("bld,dv->blv", x, head.astype(c), preferred_element_type=jnp.float32)
@@ -267,7 +306,7 @@ class Transformer(nnx.Module):
             return (x, ks, vs), None
 
         carry = (x, cache.k, cache.v)
-        if self.cfg.scan_layers and layer_params is None:
+        if self.cfg.scan_layers and layer_params is None and not cache.per_layer:
             carry, _ = jax.lax.scan(body, carry, (jnp.arange(self.cfg.n_layers), stacked))
         else:
             if layer_params is None:

@@ -149,14 +149,17 @@ def test_parameters_and_kv_cache_are_split_not_replicated(served):
     engine_outputs(engine)  # the state after prefills and decode steps, not only the initial one
     cache = engine._state.cache
     # the KV cache: slots over data (and fsdp), KV heads over tensor; one distinct block per device
-    assert cache.k.shape == (L, SLOTS, K, S, Dh)
-    assert shard_shapes(cache.k) == {(L, SLOTS // rows, K // t, S, Dh)}
-    assert shard_shapes(cache.v) == {(L, SLOTS // rows, K // t, Dh, S)}
+    assert cache.per_layer and len(cache.k) == len(cache.v) == L  # the engine's cache: one buffer per layer
+    for k, v in zip(cache.k, cache.v):
+        assert k.shape == (SLOTS, K, S, Dh) and v.shape == (SLOTS, K, Dh, S)
+        assert shard_shapes(k) == {(SLOTS // rows, K // t, S, Dh)}
+        assert shard_shapes(v) == {(SLOTS // rows, K // t, Dh, S)}
+        for x, name in ((k, "k"), (v, "v")):
+            assert len({s.device for s in x.addressable_shards}) == n_devices
+            # as CACHE_AXES says, without its leading layers axis
+            assert x.sharding.is_equivalent_to(layout.sharding(CACHE_AXES[name][1:]), x.ndim)
     assert shard_shapes(cache.positions) == {(SLOTS // rows, S)}
     assert shard_shapes(engine._state.seen) == {(SLOTS // rows, CFG.vocab_size)}
-    for x, name in ((cache.k, "k"), (cache.v, "v")):
-        assert len({s.device for s in x.addressable_shards}) == n_devices
-        assert x.sharding.is_equivalent_to(layout.sharding(CACHE_AXES[name]), x.ndim)  # as CACHE_AXES says
 
 
 def test_a_mesh_that_cannot_split_the_model_is_one_line_naming_the_numbers():
