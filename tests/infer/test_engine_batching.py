@@ -11,7 +11,9 @@ UTF-8 characters whatever the temperature.
 
 from __future__ import annotations
 
+import collections
 import random
+import re
 import threading
 
 import jax
@@ -197,6 +199,27 @@ def test_no_compile_after_start(engine):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert all(reason in ("stop", "length") for _, reason in results)
     assert {bucket for bucket in prefill_buckets(64)} == {8, 16, 32, 64}
+
+
+def test_the_decode_step_updates_each_kv_layer_in_place_and_copies_none(engine):
+    """At more than one slot the cache is one buffer per layer (KVCache per_layer): in the compiled
+    decode step the only values shaped like a cache layer are the donated buffers themselves and
+    one in-place row write (scatter) each. With the stacked cache XLA:CPU added a copy of every
+    layer, cut out of the stack after the write for attention to read (a fifth of the 8-row step
+    of the quickstart model; experiments/results.md)."""
+    from infer.engine import _decode
+
+    state = engine._state
+    assert state.cache.per_layer and len(state.cache.k) == len(state.cache.v) == CFG.n_layers
+    compiled = _decode.lower(engine._rest, engine._layers, state, np.ones(engine.slots, bool), engine._all_allowed,
+                             graphdef=engine._graphdef, filtered=False, top=False, layout=None).compile()
+    shapes = {"f32[%s]" % ",".join(map(str, x.shape)) for x in (*state.cache.k, *state.cache.v)}
+    made = collections.Counter()
+    for line in compiled.as_text().split("\nENTRY ", 1)[1].splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (f32\[[0-9,]+\])\S* (\S+?)\(", line)
+        if m and m.group(2) in shapes:
+            made["scatter" if m.group(3) == "fusion" and "scatter" in m.group(1) else m.group(3)] += 1
+    assert made == {"parameter": 2 * CFG.n_layers, "scatter": 2 * CFG.n_layers}, made
 
 
 # ------------------------------------------------------------------ logprobs

@@ -101,6 +101,39 @@ def test_per_row_cache_index_writes_each_row_at_its_own_slot(cfg):
     np.testing.assert_array_equal(cache.positions, expected)
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared-index", "per-row-index"])
+def test_per_layer_cache_equals_the_stacked_one_bit_for_bit(cfg, per_row):
+    """KVCache(per_layer=True) (the serving engine's: one buffer per layer) holds the same keys and
+    values at the same places as the stacked cache, and the logits of a prefill and of the decode
+    steps after it are identical, not merely close (jitted, as every caller runs them)."""
+    model = build_model(cfg, seed=3)
+    graphdef, state = nnx.split(model)
+    B, L, P = 2, 9, 4
+    toks = tokens(B, L, cfg.vocab_size, seed=4)
+
+    @jax.jit
+    def forward(state, toks, positions, cache):
+        return nnx.merge(graphdef, state)(toks, positions, cache=cache)
+
+    def run(per_layer):
+        cache = KVCache.init(cfg, B, length=16, per_layer=per_layer)
+        if per_row:
+            cache = dataclasses.replace(cache, index=jnp.array([0, 5], jnp.int32))
+        assert cache.per_layer == per_layer
+        positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+        out, cache = forward(state, toks[:, :P], positions, cache)
+        steps = [out]
+        for t in range(P, L):
+            out, cache = forward(state, toks[:, t:t + 1], jnp.full((B, 1), t, jnp.int32), cache)
+            steps.append(out)
+        k = jnp.stack(cache.k) if per_layer else cache.k
+        v = jnp.stack(cache.v) if per_layer else cache.v
+        return np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(k), np.asarray(v), np.asarray(cache.positions)
+
+    for stacked, per_layer in zip(run(False), run(True)):
+        np.testing.assert_array_equal(per_layer, stacked)
+
+
 def test_left_padding_does_not_change_logits(cfg):
     """A row left-padded with position -1 gives the same logits for its real tokens."""
     model = build_model(cfg, seed=3)
