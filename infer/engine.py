@@ -10,7 +10,11 @@
 Design (after JetStream's prefill / insert / generate split, in one thread):
 - The decode state holds `slots` rows of KV cache, one per running request, each at its own
   position: KVCache.index is (slots,), the position of the token each row feeds next, and a row's
-  column j holds its position j (model/transformer.py writes each row at its own index).
+  column j holds its position j (model/transformer.py writes each row at its own index). With more
+  than one slot each layer's keys and values are a buffer of their own (KVCache per_layer), which a
+  step updates in place and attends over without copying it out of a stack.
+- A prefill runs the LM head only when the request asks for prompt logprobs (echo): the first new
+  token comes from the decode step that feeds the prompt's last token.
 - A waiting request takes a free slot between decode steps: its prompt but the last token is
   prefilled alone (right-padded to a power-of-two bucket, so there is one prefill program per
   bucket) and written into the slot's cache row, together with the slot's sampling settings; the

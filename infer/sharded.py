@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from sharding.rules import MESH_AXES, Rules, ShardingError, logical_to_spec, mesh_axes_of, unused_mesh_axes
 
 CACHE_AXES = types.MappingProxyType({  # read-only: no mutable module state in infer/
-    "k": (None, "batch", "kv_heads", None, "head_dim"),  # (layers, B, K, S, Dh)
+    "k": (None, "batch", "kv_heads", None, "head_dim"),  # (layers, B, K, S, Dh); per-layer caches: [1:] each
     "v": (None, "batch", "kv_heads", "head_dim", None),  # (layers, B, K, Dh, S)
     "positions": ("batch", None),  # (B, S)
     "index": ("batch",),  # (B,) per row; a shared () index is replicated
