@@ -37,8 +37,9 @@ class KVCache:
     or, `per_layer`, k and v are tuples of n_layers arrays (B, K, S, Dh) / (B, K, Dh, S): each
     layer its own buffer, which a step writes in place and its attention reads as it is, where
     a layer cut out of the stacked array after the write is a copy of it (at 8 rows, a fifth of
-    a decode step of the quickstart model; the serving engine's state, infer/engine.py). The
-    per-layer form needs the layers unrolled (a static layer index), not scanned.
+    a decode step of the quickstart model; infer/engine.py and infer/sampler.py use it above one
+    row, as at one row the stack is faster). The per-layer form needs the layers unrolled (a
+    static layer index), not scanned.
     positions: (B, S) int32, -1 where a slot is empty (or holds left padding), which the position
     mask excludes; index: the next slot to write: () shared by rows, or (B,) one per row (the
     serving engine's slots, each request at its own position; infer/engine.py).
