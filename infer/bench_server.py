@@ -508,7 +508,8 @@ def bench(args: argparse.Namespace) -> dict:
                      "max_tokens": {"range": list(output_range), "mean": float(np.mean(tokens[1]))},
                      "corpus": [f"stdlib/{f}" for f in CORPUS_FILES], "temperature": 0.0},
         "slots": args.slots, "rows": rows, "ratios": ratios, "server_exit_codes": exits,
-        "response_format": bench_response_format(args.response_format) if args.response_format else None, "format_overhead": overhead,
+        "response_format": bench_response_format(args.response_format) if args.response_format else None,
+        "format_overhead": overhead,
     }
 
 

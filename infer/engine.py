@@ -231,10 +231,7 @@ def _shard_state(state: SlotState, layout: Layout | None) -> SlotState:
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "layout"))
 def _init_state(*, cfg, slots: int, layout: Layout | None = None) -> SlotState:
     B, V = slots, cfg.vocab_size
-    # Per-layer cache buffers (see KVCache): at B > 1 a step then reads each layer in place instead
-    # of copying it out of the stack. At one row XLA:CPU turns the row's write into an update that it
-    # duplicates for its two readers, copying each layer several times: there the stack is faster.
-    cache = KVCache.init(cfg, batch=B, length=cfg.max_seq_len, per_layer=B > 1)
+    cache = KVCache.init(cfg, batch=B, length=cfg.max_seq_len, per_layer=KVCache.per_layer_for(B))
     cache = dataclasses.replace(cache, index=jnp.zeros((B,), jnp.int32))
     f32 = lambda v: jnp.full((B,), v, jnp.float32)  # noqa: E731
     state = SlotState(cache, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B, V), bool),
@@ -267,12 +264,11 @@ def _prefill(rest, layers, state: SlotState, tokens, positions, targets, last, s
 
     prompt_lp = jax.lax.cond(echo, prompt_logprobs, lambda: jnp.zeros((Lp,), jnp.float32))
     c, z = state.cache, jnp.zeros((), jnp.int32)
-    if c.per_layer:  # the row's [:Lp], layer by layer
-        k = tuple(jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (slot, z, z, z)) for a, b in zip(c.k, cache.k))
-        v = tuple(jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (slot, z, z, z)) for a, b in zip(c.v, cache.v))
-    else:
-        k = jax.lax.dynamic_update_slice(c.k, cache.k.astype(c.k.dtype), (z, slot, z, z, z))
-        v = jax.lax.dynamic_update_slice(c.v, cache.v.astype(c.v.dtype), (z, slot, z, z, z))
+
+    def put_row(buf, row):  # the row's [:Lp] into a stacked cache (a leading layers axis) or one layer's buffer
+        return jax.lax.dynamic_update_slice(buf, row.astype(buf.dtype), (z,) * (buf.ndim - 4) + (slot, z, z, z))
+
+    k, v = jax.tree.map(put_row, c.k, cache.k), jax.tree.map(put_row, c.v, cache.v)
     row = jnp.full((1, S), -1, jnp.int32).at[:, :Lp].set(positions)  # the rest of the row: empty
     pos = jax.lax.dynamic_update_slice(c.positions, row, (slot, z))
     n_before = jnp.sum(positions >= 0).astype(jnp.int32)  # the last token's position

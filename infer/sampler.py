@@ -256,8 +256,8 @@ def _prefill(c: _Call, tokens: jax.Array, positions: jax.Array) -> DecodeState:
     model = c.model
     B, Lp = tokens.shape
     V = model.cfg.vocab_size
-    # per layer above one row: each layer read in place, not copied out of a stack (see KVCache)
-    cache = constrain_cache(KVCache.init(model.cfg, batch=B, length=c.cache_len, per_layer=B > 1), c.layout)
+    cache = constrain_cache(KVCache.init(model.cfg, batch=B, length=c.cache_len,
+                                         per_layer=KVCache.per_layer_for(B)), c.layout)
     logits, cache = model(tokens, positions, cache=cache)  # (B, Lp, V)
     history = jnp.concatenate([jnp.full((B, c.P), -2, jnp.int32), jnp.where(positions >= 0, tokens, -2),
                                jnp.zeros((B, c.N), jnp.int32)], axis=1)  # (B, P + Lp + N)
@@ -314,7 +314,8 @@ def _slide_window(c: _Call, s: DecodeState) -> DecodeState:
     ctx = jax.lax.dynamic_slice_in_dim(s.history, start, keep - 1, axis=1)  # (B, keep - 1)
     valid = ctx >= 0
     wpos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)  # (B, keep - 1)
-    cache = constrain_cache(KVCache.init(c.model.cfg, batch=B, length=c.cache_len, per_layer=B > 1), c.layout)
+    cache = constrain_cache(KVCache.init(c.model.cfg, batch=B, length=c.cache_len,
+                                         per_layer=KVCache.per_layer_for(B)), c.layout)
     _, cache = c.model(jnp.where(valid, ctx, 0), wpos, cache=cache, layer_params=c.layers)
     cache = constrain_cache(cache, c.layout)
     return dataclasses.replace(s, cache=cache, positions=jnp.sum(valid, axis=1).astype(jnp.int32))

@@ -37,9 +37,9 @@ class KVCache:
     or, `per_layer`, k and v are tuples of n_layers arrays (B, K, S, Dh) / (B, K, Dh, S): each
     layer its own buffer, which a step writes in place and its attention reads as it is, where
     a layer cut out of the stacked array after the write is a copy of it (at 8 rows, a fifth of
-    a decode step of the quickstart model; infer/engine.py and infer/sampler.py use it above one
-    row, as at one row the stack is faster). The per-layer form needs the layers unrolled (a
-    static layer index), not scanned.
+    a decode step of the quickstart model; infer/engine.py and infer/sampler.py choose by
+    `per_layer_for`). The per-layer form needs the layers unrolled (a static layer index), not
+    scanned.
     positions: (B, S) int32, -1 where a slot is empty (or holds left padding), which the position
     mask excludes; index: the next slot to write: () shared by rows, or (B,) one per row (the
     serving engine's slots, each request at its own position; infer/engine.py).
@@ -62,6 +62,14 @@ class KVCache:
         else:
             k, v = jnp.zeros((cfg.n_layers, *k_shape), dtype), jnp.zeros((cfg.n_layers, *v_shape), dtype)
         return cls(k, v, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def per_layer_for(batch: int) -> bool:
+        """The faster form for a decode loop over `batch` rows on XLA:CPU: per layer above one row
+        (each layer read in place instead of copied out of the stack after the step's write); the
+        stack at one row, where XLA:CPU turns the row's write into an update it duplicates for its
+        two readers, copying the layer several times (experiments/results.md, serving)."""
+        return batch > 1
 
     @property
     def per_layer(self) -> bool:

@@ -45,7 +45,8 @@ MAX_CHARS = 32_000
 
 _LINE_ENDS = re.compile("\r\n|[\r\u2028\u2029]")
 _VS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
-CLASSES: "types.MappingProxyType[str, re.Pattern]" = types.MappingProxyType({  # class -> what it removes (order matters only for the counts' order)
+# class -> what it removes (order matters only for the counts' order)
+CLASSES: "types.MappingProxyType[str, re.Pattern]" = types.MappingProxyType({
     "control": re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]"),
     "tag": re.compile("[\U000e0000-\U000e007f]"),
     "bidi": re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]"),
